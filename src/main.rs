@@ -1,1 +1,154 @@
-fn main(){}
+//! The `tally` command line: parse, wire, run.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tally::http::{Routes, ViewHandle};
+use tally::metrics::Metrics;
+use tally::runtime::{self, Cluster, UsageConfig};
+use tally::sources::kafka::KafkaConfig;
+
+/// Live, exact views over Kafka streams.
+#[derive(Parser)]
+#[command(name = "tally", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Usage billing from Debezium CDC of `cloud.instances`: per organization started/running/billing.
+    Usage(UsageArgs),
+    /// Everything in one process, no external service: an in-process Kafka broker, the spec's simulator
+    /// writing Debezium events into it, and the usage pipeline reading them on :12000.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct ClusterArgs {
+    /// Worker threads in this process.
+    #[arg(short = 'w', long = "workers", env = "TALLY_WORKERS", default_value_t = 1)]
+    workers: usize,
+    /// Number of tally processes in a timely cluster (each started with its own --process).
+    #[arg(long, env = "TALLY_PROCESSES", default_value_t = 1)]
+    processes: usize,
+    /// This process's index in the cluster, 0-based. Process 0 serves HTTP.
+    #[arg(long, env = "TALLY_PROCESS", default_value_t = 0)]
+    process: usize,
+    /// File with one host:port per line, one line per process, for timely's cluster connections.
+    #[arg(long, env = "TALLY_HOSTFILE")]
+    hostfile: Option<PathBuf>,
+    /// How often timestamps close, in milliseconds: the HTTP view refreshes at this cadence.
+    #[arg(long, env = "TALLY_TICK_MS", default_value_t = 20)]
+    tick_ms: u64,
+}
+
+impl ClusterArgs {
+    fn cluster(&self) -> Cluster {
+        Cluster { workers: self.workers, processes: self.processes, process: self.process, hostfile: self.hostfile.clone(), tick_ms: self.tick_ms }
+    }
+}
+
+#[derive(Args, Clone)]
+struct UsageArgs {
+    /// Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    /// Topic carrying Debezium change events of cloud.instances.
+    #[arg(long, env = "TALLY_TOPIC", default_value = "topic.cloud.instances")]
+    topic: String,
+    /// Kafka consumer group.id (tally assigns partitions itself and always rebuilds from the earliest offset).
+    #[arg(long, env = "TALLY_GROUP_ID", default_value = "exoscale")]
+    group_id: String,
+    /// Kafka client.id.
+    #[arg(long, env = "TALLY_CLIENT_ID", default_value = "localhost")]
+    client_id: String,
+    /// HTTP address for the view (GET /), /metrics, /health and /ui.
+    #[arg(long, env = "TALLY_LISTEN", default_value = "0.0.0.0:12000")]
+    listen: String,
+    /// File where undecodable messages are appended (JSON lines with topic/partition/offset and raw bytes).
+    #[arg(long, env = "TALLY_DEAD_LETTER", default_value = "tally-dead-letter.jsonl")]
+    dead_letter: PathBuf,
+    /// Scale of DECIMAL prices when the connector runs with schemas off (the scale travels in the schema).
+    #[arg(long, env = "TALLY_DECIMAL_SCALE")]
+    decimal_scale: Option<u32>,
+    /// Extra librdkafka consumer properties, key=value (repeatable), e.g. security.protocol=ssl.
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    kafka_properties: Vec<(String, String)>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Args, Clone)]
+struct DemoArgs {
+    /// HTTP address for the view.
+    #[arg(long, default_value = "0.0.0.0:12000")]
+    listen: String,
+    /// Milliseconds between simulator steps (the spec's simulator uses 500).
+    #[arg(long, default_value_t = 500)]
+    interval_ms: u64,
+    /// Worker threads.
+    #[arg(short = 'w', long = "workers", default_value_t = 1)]
+    workers: usize,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Usage(args) => usage(args),
+        Command::Demo(args) => demo(args),
+    }
+}
+
+fn usage(args: UsageArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let view = ViewHandle::new("{}");
+    let cluster = args.cluster.cluster();
+    if cluster.serves_http() {
+        let (server, addr) = runtime::bind(&args.listen)?;
+        println!("tally: usage view on http://{addr}/ (metrics /metrics, page /ui)");
+        let routes = Routes { views: vec![("/".into(), view.clone())], metrics: metrics.clone(), ui_title: "usage per organization".into() };
+        runtime::spawn_http(server, routes, shutdown.clone());
+    }
+    let cfg = UsageConfig {
+        kafka: KafkaConfig { brokers: args.brokers, topic: args.topic, group_id: args.group_id, client_id: args.client_id, properties: args.kafka_properties },
+        dead_letter: args.dead_letter,
+        decimal_scale: args.decimal_scale,
+        cluster,
+    };
+    runtime::run_usage(cfg, metrics, view, shutdown).context("usage pipeline failed")
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    use rdkafka::mocking::MockCluster;
+    let topic = "topic.cloud.instances";
+    let mock = MockCluster::new(1).context("starting the in-process Kafka broker")?;
+    mock.create_topic(topic, 1, 1).context("creating the demo topic")?;
+    let brokers = mock.bootstrap_servers();
+    tally::sim::spawn_producer(brokers.clone(), topic.to_owned(), Duration::from_millis(args.interval_ms), None);
+    eprintln!("tally demo: in-process broker at {brokers}; simulator deploys/destroys an instance every {} ms", args.interval_ms);
+    usage(UsageArgs {
+        brokers,
+        topic: topic.into(),
+        group_id: "exoscale".into(),
+        client_id: "localhost".into(),
+        listen: args.listen,
+        dead_letter: std::env::temp_dir().join("tally-demo-dead-letter.jsonl"),
+        decimal_scale: None,
+        kafka_properties: Vec::new(),
+        cluster: ClusterArgs { workers: args.workers, processes: 1, process: 0, hostfile: None, tick_ms: 20 },
+    })
+}

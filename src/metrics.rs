@@ -1,0 +1,70 @@
+//! Prometheus metrics: one registry per process, rendered as text at `/metrics`.
+//! Names are `tally_<area>_<what>`; labels are bounded (topic, partition, reason, view, worker).
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub decode_errors: IntCounterVec,
+    pub ignored: IntCounterVec,
+    pub dead_lettered: IntCounterVec,
+    pub kafka_errors: IntCounterVec,
+    pub lag: IntGaugeVec,
+    pub view_as_of: IntGaugeVec,
+    pub view_rows: IntGaugeVec,
+    pub view_updates: IntCounterVec,
+    pub state_records: IntGaugeVec,
+    pub notes: IntCounterVec,
+    pub sink_batches: IntCounterVec,
+    pub sink_rows: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition is valid");
+    registry.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition is valid");
+    registry.register(Box::new(g.clone())).expect("metric names are unique");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Metrics {
+            messages: counter(&r, "tally_source_messages_total", "Kafka messages read", &["topic", "partition"]),
+            bytes: counter(&r, "tally_source_bytes_total", "Bytes of Kafka keys and values read", &["topic"]),
+            decode_errors: counter(&r, "tally_source_decode_errors_total", "Messages that could not be decoded", &["topic", "reason"]),
+            ignored: counter(&r, "tally_source_ignored_total", "Messages that are not data (schema changes, heartbeats, ...)", &["topic", "reason"]),
+            dead_lettered: counter(&r, "tally_source_dead_letter_total", "Messages written to the dead-letter file", &["topic"]),
+            kafka_errors: counter(&r, "tally_source_kafka_errors_total", "Errors reported by the Kafka client", &["topic"]),
+            lag: gauge(&r, "tally_source_lag_messages", "High watermark minus next offset to read", &["topic", "partition"]),
+            view_as_of: gauge(&r, "tally_view_as_of_ms", "Closed timestamp the view shows (epoch ms)", &["view"]),
+            view_rows: gauge(&r, "tally_view_rows", "Rows in the served view", &["view"]),
+            view_updates: counter(&r, "tally_view_updates_total", "Updates applied to the served view", &["view"]),
+            state_records: gauge(&r, "tally_dataflow_state_records", "Records held in operator state", &["dataflow", "worker"]),
+            notes: counter(&r, "tally_usage_events_total", "Notable change events (duplicates, deletes of unseen rows, ...)", &["kind"]),
+            sink_batches: counter(&r, "tally_sink_batches_total", "Transactions committed by a sink", &["sink"]),
+            sink_rows: counter(&r, "tally_sink_rows_total", "Rows written by a sink", &["sink"]),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("writing to a Vec cannot fail");
+        String::from_utf8(buf).expect("Prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

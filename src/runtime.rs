@@ -1,0 +1,213 @@
+//! Runs pipelines on timely workers: one process (`-w N`) or a cluster of processes.
+//!
+//! Each worker builds the same dataflow: Kafka source -> pure dataflow from `dataflows` -> a publisher.
+//! The publisher gathers the view's updates on worker 0 and applies them only once their timestamp is
+//! closed (the input frontier has passed it), so the HTTP view is always the state at one timestamp.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dataflows::usage::{Note, Usage};
+use differential_dataflow::difference::{IsZero, Semigroup};
+use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Exchange;
+use timely::{CommunicationConfig, WorkerConfig};
+use tracing::info;
+
+use crate::error::RuntimeError;
+use crate::http::{Routes, ViewHandle};
+use crate::metrics::Metrics;
+use crate::sources::dead_letter::DeadLetter;
+use crate::sources::debezium::DebeziumDecoder;
+use crate::sources::kafka::{kafka_source, KafkaConfig, SourceContext};
+
+/// How the timely computation is laid out.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    /// Worker threads in this process.
+    pub workers: usize,
+    /// Number of processes (1 = no cluster).
+    pub processes: usize,
+    /// This process's index in `0..processes`.
+    pub process: usize,
+    /// One `host:port` per line, one line per process (cluster mode only).
+    pub hostfile: Option<PathBuf>,
+    /// Processing-time tick in milliseconds: how often timestamps close.
+    pub tick_ms: u64,
+}
+
+impl Cluster {
+    pub fn timely_config(&self) -> Result<timely::Config, RuntimeError> {
+        if self.workers == 0 {
+            return Err(RuntimeError::Config("--workers must be at least 1".into()));
+        }
+        if self.processes <= 1 {
+            return Ok(timely::Config::process(self.workers));
+        }
+        let hostfile = self.hostfile.as_ref().ok_or_else(|| RuntimeError::Config("--processes > 1 needs --hostfile".into()))?;
+        let text = std::fs::read_to_string(hostfile)?;
+        let addresses: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+        if addresses.len() != self.processes || self.process >= self.processes {
+            return Err(RuntimeError::Config(format!(
+                "hostfile {} lists {} addresses for --processes {} (process index {})",
+                hostfile.display(),
+                addresses.len(),
+                self.processes,
+                self.process
+            )));
+        }
+        Ok(timely::Config {
+            communication: CommunicationConfig::Cluster { threads: self.workers, process: self.process, addresses, report: false, zerocopy: false },
+            worker: WorkerConfig::default(),
+        })
+    }
+
+    /// Only the first process serves HTTP: its worker 0 holds the published views.
+    pub fn serves_http(&self) -> bool {
+        self.process == 0
+    }
+}
+
+/// The usage pipeline's settings.
+#[derive(Clone, Debug)]
+pub struct UsageConfig {
+    pub kafka: KafkaConfig,
+    pub dead_letter: PathBuf,
+    /// Scale of base64 Decimal prices when schemas are off.
+    pub decimal_scale: Option<u32>,
+    pub cluster: Cluster,
+}
+
+/// Renders the usage view as the spec's JSON: `{"<org>": {"started": N, "running": N, "billing": N}}`.
+pub fn render_usage(state: &BTreeMap<String, Usage>) -> String {
+    let mut out = String::from("{");
+    for (i, (org, u)) in state.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let key = serde_json::to_string(org).expect("strings always serialize");
+        out.push_str(&format!("{key}:{{\"started\":{},\"running\":{},\"billing\":{}}}", u.started, u.running, u.billing));
+    }
+    out.push('}');
+    out
+}
+
+/// Gathers a view's updates on worker 0 and publishes the accumulated state at each closed timestamp.
+pub fn publish<'s, K, R>(collection: VecCollection<'s, u64, K, R>, name: &'static str, view: ViewHandle, metrics: Arc<Metrics>, render: fn(&BTreeMap<K, R>) -> String)
+where
+    K: timely::ExchangeData + Ord + Clone,
+    R: timely::ExchangeData + Semigroup + IsZero,
+{
+    let is_publisher = collection.scope().index() == 0;
+    let mut state: BTreeMap<K, R> = BTreeMap::new();
+    let mut pending: Vec<(K, u64, R)> = Vec::new();
+    let mut last_as_of = None;
+    collection.inner.exchange(|_| 0u64).sink(Pipeline, name, move |(input, frontier)| {
+        input.for_each(|_cap, data| pending.append(data));
+        if !is_publisher {
+            return;
+        }
+        let bound = frontier.frontier().first().copied();
+        let closed = |t: &u64| bound.is_none_or(|b| *t < b);
+        let mut changed = 0u64;
+        pending.retain(|(k, t, r)| {
+            if !closed(t) {
+                return true;
+            }
+            changed += 1;
+            let entry = state.entry(k.clone());
+            match entry {
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    o.get_mut().plus_equals(r);
+                    if o.get().is_zero() {
+                        o.remove();
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    if !r.is_zero() {
+                        v.insert(r.clone());
+                    }
+                }
+            }
+            false
+        });
+        let as_of = match bound {
+            Some(b) => b.saturating_sub(1),
+            None => last_as_of.unwrap_or(0),
+        };
+        if changed > 0 || last_as_of != Some(as_of) {
+            view.publish(as_of, (changed > 0).then(|| render(&state)));
+            last_as_of = Some(as_of);
+            metrics.view_as_of.with_label_values(&[name]).set(as_of as i64);
+            metrics.view_rows.with_label_values(&[name]).set(state.len() as i64);
+            metrics.view_updates.with_label_values(&[name]).inc_by(changed);
+        }
+    });
+}
+
+fn note_label(n: Note) -> &'static str {
+    match n {
+        Note::Duplicate => "duplicate",
+        Note::DeleteUnseen => "delete_unseen",
+        Note::DeleteRepeated => "delete_repeated",
+        Note::UpdateUnseen => "update_unseen",
+        Note::Replaced => "replaced",
+    }
+}
+
+/// Runs the usage pipeline until `shutdown` is set. `routes` receives the view to serve.
+pub fn run_usage(cfg: UsageConfig, metrics: Arc<Metrics>, view: ViewHandle, shutdown: Arc<AtomicBool>) -> Result<(), RuntimeError> {
+    let dead_letter = Arc::new(DeadLetter::open(&cfg.dead_letter)?);
+    let timely_config = cfg.cluster.timely_config()?;
+    let tick_ms = cfg.cluster.tick_ms.max(1);
+    info!(topic = %cfg.kafka.topic, brokers = %cfg.kafka.brokers, workers = cfg.cluster.workers, processes = cfg.cluster.processes, dead_letter = %dead_letter.path().display(), "starting usage pipeline");
+    let guards = timely::execute(timely_config, move |worker| {
+        let ctx = SourceContext { metrics: metrics.clone(), dead_letter: dead_letter.clone(), shutdown: shutdown.clone(), tick_ms };
+        let kafka = cfg.kafka.clone();
+        let decimal_scale = cfg.decimal_scale;
+        let (view, metrics) = (view.clone(), metrics.clone());
+        let state_size = worker.dataflow::<u64, _, _>(|scope| {
+            let changes = kafka_source(scope.clone(), kafka, DebeziumDecoder::new(decimal_scale), ctx);
+            let views = dataflows::usage::usage(changes);
+            let note_metrics = metrics.clone();
+            views.notes.inspect(move |(note, _t, diff)| {
+                note_metrics.notes.with_label_values(&[note_label(*note)]).inc_by((*diff).max(0) as u64);
+            });
+            publish(views.usage, "usage", view, metrics.clone(), render_usage);
+            views.state_size
+        });
+        let worker_label = worker.index().to_string();
+        let mut last_report = Instant::now();
+        while worker.step_or_park(Some(Duration::from_millis(tick_ms))) {
+            if last_report.elapsed() > Duration::from_millis(500) {
+                last_report = Instant::now();
+                metrics.state_records.with_label_values(&["usage", &worker_label]).set(state_size.get() as i64);
+            }
+        }
+    })
+    .map_err(RuntimeError::Timely)?;
+    for result in guards.join() {
+        result.map_err(RuntimeError::Timely)?;
+    }
+    Ok(())
+}
+
+/// Binds HTTP (when this process serves it), returning the bound address.
+pub fn bind(listen: &str) -> Result<(tiny_http::Server, String), RuntimeError> {
+    let server = tiny_http::Server::http(listen).map_err(|source| RuntimeError::Bind { addr: listen.to_owned(), source })?;
+    let addr = server.server_addr().to_ip().map_or_else(|| listen.to_owned(), |a| a.to_string());
+    Ok((server, addr))
+}
+
+/// Starts the HTTP thread for `routes`.
+pub fn spawn_http(server: tiny_http::Server, routes: Routes, shutdown: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("tally-http".into())
+        .spawn(move || crate::http::serve(server, routes, shutdown))
+        .expect("spawning a thread at startup")
+}

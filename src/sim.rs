@@ -1,0 +1,205 @@
+//! The spec's simulator: five organizations; every step deploys an instance (probability 2/3, random
+//! organization, price 1..=100 per second) or destroys the oldest one. Its events are encoded exactly as
+//! Debezium's MySQL connector with the JsonConverter writes them, so `tally demo`, tests and benchmarks
+//! exercise the same decoder as production.
+
+use std::collections::VecDeque;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The organizations of the spec's example output.
+pub const ORGS: [&str; 5] = [
+    "95f8a5e2-0807-448b-b2cd-102d78203c88",
+    "ffb0ca88-123b-42f6-a2d2-b13f51dea292",
+    "74b23560-55b5-4e9e-9b51-a98097b817f6",
+    "37edc843-926f-47ca-9a08-bcc0a54dffd8",
+    "0969af61-3d3b-4896-bd13-673f1a840170",
+];
+
+/// A row of `cloud.instances` as the simulator holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimRow {
+    pub id: u64,
+    pub org: String,
+    pub instance: String,
+    pub price: i64,
+    /// The `started` column, epoch seconds.
+    pub started_s: i64,
+}
+
+/// What one simulator step did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimEvent {
+    Deploy(SimRow),
+    Destroy(SimRow),
+}
+
+pub struct Simulator {
+    rng: StdRng,
+    next_id: u64,
+    live: VecDeque<SimRow>,
+    orgs: Vec<String>,
+}
+
+impl Simulator {
+    /// A simulator over the spec's five organizations, reproducible from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self::with_orgs(seed, ORGS.iter().map(|s| s.to_string()).collect())
+    }
+
+    pub fn with_orgs(seed: u64, orgs: Vec<String>) -> Self {
+        Simulator { rng: StdRng::seed_from_u64(seed), next_id: 1, live: VecDeque::new(), orgs }
+    }
+
+    /// One step at database time `now_s` (epoch seconds).
+    pub fn step(&mut self, now_s: i64) -> SimEvent {
+        if self.live.is_empty() || self.rng.random_range(0..3) < 2 {
+            let org = self.orgs[self.rng.random_range(0..self.orgs.len())].clone();
+            let row = SimRow { id: self.next_id, org, instance: uuid_v4(&mut self.rng), price: self.rng.random_range(1..=100), started_s: now_s };
+            self.next_id += 1;
+            self.live.push_back(row.clone());
+            SimEvent::Deploy(row)
+        } else {
+            SimEvent::Destroy(self.live.pop_front().expect("checked non-empty above"))
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.live.len()
+    }
+}
+
+fn uuid_v4(rng: &mut StdRng) -> String {
+    let mut b: [u8; 16] = rng.random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// The connector's value schema for `cloud.instances` (INT price, TIMESTAMP started), as JsonConverter
+/// writes it with `schemas.enable=true`.
+pub const VALUE_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"},{"type":"string","optional":false,"field":"organization_uuid"},{"type":"string","optional":false,"field":"instance_uuid"},{"type":"int32","optional":false,"field":"price_second"},{"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"default":"1970-01-01T00:00:00Z","field":"started"}],"optional":true,"name":"topic.cloud.instances.Value","field":"before"},{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"},{"type":"string","optional":false,"field":"organization_uuid"},{"type":"string","optional":false,"field":"instance_uuid"},{"type":"int32","optional":false,"field":"price_second"},{"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"default":"1970-01-01T00:00:00Z","field":"started"}],"optional":true,"name":"topic.cloud.instances.Value","field":"after"},{"type":"struct","fields":[{"type":"string","optional":false,"field":"version"},{"type":"string","optional":false,"field":"connector"},{"type":"string","optional":false,"field":"name"},{"type":"int64","optional":false,"field":"ts_ms"},{"type":"string","optional":true,"name":"io.debezium.data.Enum","version":1,"parameters":{"allowed":"true,last,false,incremental"},"default":"false","field":"snapshot"},{"type":"string","optional":false,"field":"db"},{"type":"string","optional":true,"field":"sequence"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"},{"type":"string","optional":true,"field":"table"},{"type":"int64","optional":false,"field":"server_id"},{"type":"string","optional":true,"field":"gtid"},{"type":"string","optional":false,"field":"file"},{"type":"int64","optional":false,"field":"pos"},{"type":"int32","optional":false,"field":"row"},{"type":"int64","optional":true,"field":"thread"},{"type":"string","optional":true,"field":"query"}],"optional":false,"name":"io.debezium.connector.mysql.Source","field":"source"},{"type":"struct","fields":[{"type":"string","optional":false,"field":"id"},{"type":"int64","optional":false,"field":"total_order"},{"type":"int64","optional":false,"field":"data_collection_order"}],"optional":true,"name":"event.block","version":1,"field":"transaction"},{"type":"string","optional":false,"field":"op"},{"type":"int64","optional":true,"field":"ts_ms"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"}],"optional":false,"name":"topic.cloud.instances.Envelope","version":2}"#;
+const KEY_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"}],"optional":false,"name":"topic.cloud.instances.Key"}"#;
+
+/// `2024-05-01T12:34:56Z` for an epoch second.
+pub fn zoned_timestamp(epoch_s: i64) -> String {
+    let days = epoch_s.div_euclid(86_400);
+    let secs = epoch_s.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+fn row_json(r: &SimRow) -> String {
+    format!(
+        r#"{{"id":{},"organization_uuid":"{}","instance_uuid":"{}","price_second":{},"started":"{}"}}"#,
+        r.id,
+        r.org,
+        r.instance,
+        r.price,
+        zoned_timestamp(r.started_s)
+    )
+}
+
+/// A Kafka record: key and value (`None` is a null value, a tombstone).
+pub type Record = (String, Option<String>);
+
+/// The records Debezium emits for one simulator event at database time `ts_s` and binlog offset
+/// `pos`: a create, or a delete followed by its tombstone.
+pub fn debezium_records(event: &SimEvent, ts_s: i64, pos: u64, schemas: bool) -> Vec<Record> {
+    let (id, before, after, op) = match event {
+        SimEvent::Deploy(r) => (r.id, "null".to_string(), row_json(r), "c"),
+        SimEvent::Destroy(r) => (r.id, row_json(r), "null".to_string(), "d"),
+    };
+    let ts_ms = ts_s * 1000;
+    let payload = format!(
+        r#"{{"before":{before},"after":{after},"source":{{"version":"2.7.4.Final","connector":"mysql","name":"topic","ts_ms":{ts_ms},"snapshot":"false","db":"cloud","sequence":null,"ts_us":{ts_us},"ts_ns":{ts_ns},"table":"instances","server_id":1,"gtid":null,"file":"mysql-bin.000001","pos":{pos},"row":0,"thread":null,"query":null}},"transaction":null,"op":"{op}","ts_ms":{ts_ms},"ts_us":{ts_us},"ts_ns":{ts_ns}}}"#,
+        ts_us = ts_ms * 1000,
+        ts_ns = ts_ms * 1_000_000,
+    );
+    let key_payload = format!(r#"{{"id":{id}}}"#);
+    let (key, value) = if schemas {
+        (format!(r#"{{"schema":{KEY_SCHEMA},"payload":{key_payload}}}"#), format!(r#"{{"schema":{VALUE_SCHEMA},"payload":{payload}}}"#))
+    } else {
+        (key_payload, payload)
+    };
+    let mut out = vec![(key.clone(), Some(value))];
+    if op == "d" {
+        out.push((key, None));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_render_like_debezium() {
+        assert_eq!(zoned_timestamp(1_714_566_896), "2024-05-01T12:34:56Z");
+        assert_eq!(zoned_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(zoned_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn destroys_the_oldest() {
+        let mut sim = Simulator::new(7);
+        let mut deployed = Vec::new();
+        for t in 0..200 {
+            match sim.step(t) {
+                SimEvent::Deploy(r) => deployed.push(r),
+                SimEvent::Destroy(r) => assert_eq!(r, deployed.remove(0)),
+            }
+        }
+        assert_eq!(sim.running(), deployed.len());
+    }
+}
+
+/// Runs the simulator against a Kafka topic in a background thread: one step per `interval`, at wall
+/// time, Debezium-encoded with schemas. Stops after `steps` steps if given.
+pub fn spawn_producer(brokers: String, topic: String, interval: std::time::Duration, steps: Option<u64>) -> std::thread::JoinHandle<()> {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    std::thread::Builder::new()
+        .name("tally-sim".into())
+        .spawn(move || {
+            let producer: ThreadedProducer<DefaultProducerContext> = match rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "0").create() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "simulator cannot create a Kafka producer");
+                    return;
+                }
+            };
+            let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            let mut sim = Simulator::new(seed);
+            let mut pos = 4;
+            let mut n = 0u64;
+            while steps.is_none_or(|s| n < s) {
+                let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                let event = sim.step(now_s);
+                for (key, value) in debezium_records(&event, now_s, pos, true) {
+                    let mut rec = BaseRecord::<String, String>::to(&topic).key(&key);
+                    if let Some(v) = value.as_ref() {
+                        rec = rec.payload(v);
+                    }
+                    if let Err((e, _)) = producer.send(rec) {
+                        tracing::warn!(error = %e, "simulator could not enqueue a record");
+                    }
+                }
+                pos += 300;
+                n += 1;
+                std::thread::sleep(interval);
+            }
+            let _ = producer.flush(std::time::Duration::from_secs(5));
+        })
+        .expect("spawning a thread at startup")
+}

@@ -1,0 +1,248 @@
+//! A Kafka topic as a timely source operator.
+//!
+//! Each worker owns the partitions `p` with `p % peers == index` (deterministic, no group rebalance) and
+//! reads them from the earliest offset with a `BaseConsumer` polled without blocking. Timely time is a
+//! processing-time epoch (wall-clock milliseconds rounded down to the tick), so every worker's capability
+//! advances even when its partitions are idle: views never stall on a quiet partition.
+//! Undecodable messages are counted, logged with coordinates, and dead-lettered; nothing is dropped silently.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::statistics::Statistics;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::{Scope, Stream};
+use tracing::{debug, info, warn};
+
+use super::dead_letter::DeadLetter;
+use crate::error::{DecodeError, RuntimeError};
+use crate::metrics::Metrics;
+
+/// Where and how to read.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    pub client_id: String,
+    /// Extra librdkafka properties (`key=value`), applied last.
+    pub properties: Vec<(String, String)>,
+}
+
+/// What a decoder makes of one message.
+pub enum Decoded<T> {
+    Record(T),
+    /// Not data (a schema change, a heartbeat, ...): counted under this reason.
+    Ignored(&'static str),
+}
+
+/// Turns one Kafka message into a record. Implementations keep whatever state makes that cheap.
+pub trait Decoder: 'static {
+    type Out: Clone + 'static;
+    fn decode(&mut self, msg: &BorrowedMessage<'_>) -> Result<Decoded<Self::Out>, DecodeError>;
+}
+
+/// The processing-time epoch now: wall-clock milliseconds rounded down to `tick_ms`.
+pub fn epoch_now(tick_ms: u64) -> u64 {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    ms - ms % tick_ms.max(1)
+}
+
+/// Everything the source operator shares with the rest of the process.
+#[derive(Clone)]
+pub struct SourceContext {
+    pub metrics: Arc<Metrics>,
+    pub dead_letter: Arc<DeadLetter>,
+    pub shutdown: Arc<AtomicBool>,
+    pub tick_ms: u64,
+}
+
+const POLL_BUDGET: Duration = Duration::from_millis(5);
+const IDLE_WAIT: Duration = Duration::from_millis(2);
+
+/// Reads `cfg.topic` into a stream of decoded records.
+pub fn kafka_source<'s, D: Decoder>(scope: Scope<'s, u64>, cfg: KafkaConfig, mut decoder: D, ctx: SourceContext) -> Stream<'s, u64, Vec<D::Out>> {
+    let (index, peers) = (scope.index(), scope.peers());
+    source::<_, timely::container::CapacityContainerBuilder<Vec<D::Out>>, _, _>(scope, "KafkaSource", move |cap, info| {
+        let activator = scope.activator_for(info.address);
+        let mut cap = Some(cap);
+        let mut reader: Option<Reader> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut next_attempt = Instant::now();
+        let topic = cfg.topic.clone();
+        let worker = index.to_string();
+        move |output| {
+            let Some(capability) = cap.as_mut() else { return };
+            if ctx.shutdown.load(Ordering::Relaxed) {
+                cap = None;
+                return;
+            }
+            if reader.is_none() && Instant::now() >= next_attempt {
+                match Reader::connect(&cfg, index, peers, ctx.metrics.clone()) {
+                    Ok(r) => {
+                        info!(topic = %cfg.topic, worker = index, partitions = ?r.partitions, "assigned partitions");
+                        reader = Some(r);
+                    }
+                    Err(e) => {
+                        warn!(topic = %cfg.topic, worker = index, error = %e, retry_in = ?backoff, "Kafka source not ready");
+                        ctx.metrics.kafka_errors.with_label_values(&[topic.as_str()]).inc();
+                        next_attempt = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            let mut read = 0usize;
+            if let Some(r) = reader.as_mut() {
+                let mut session = output.session(&*capability);
+                let started = Instant::now();
+                let mut bytes = 0u64;
+                let mut per_partition: HashMap<i32, u64> = HashMap::new();
+                loop {
+                    if read % 256 == 255 && started.elapsed() > POLL_BUDGET {
+                        break;
+                    }
+                    match r.consumer.poll(Duration::ZERO) {
+                        None => break,
+                        Some(Err(e)) => {
+                            warn!(topic = %topic, worker = index, error = %e, "Kafka poll error");
+                            ctx.metrics.kafka_errors.with_label_values(&[topic.as_str()]).inc();
+                            break;
+                        }
+                        Some(Ok(msg)) => {
+                            read += 1;
+                            *per_partition.entry(msg.partition()).or_default() += 1;
+                            bytes += (msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len)) as u64;
+                            match decoder.decode(&msg) {
+                                Ok(Decoded::Record(rec)) => session.give(rec),
+                                Ok(Decoded::Ignored(reason)) => {
+                                    ctx.metrics.ignored.with_label_values(&[topic.as_str(), reason]).inc();
+                                }
+                                Err(e) => {
+                                    warn!(topic = %topic, partition = msg.partition(), offset = msg.offset(), reason = e.reason(), error = %e, "undecodable message dead-lettered");
+                                    ctx.metrics.decode_errors.with_label_values(&[topic.as_str(), e.reason()]).inc();
+                                    if let Err(io) = ctx.dead_letter.write(&msg, &e) {
+                                        tracing::error!(topic = %topic, partition = msg.partition(), offset = msg.offset(), error = %io, "dead-letter write failed: message lost");
+                                    } else {
+                                        ctx.metrics.dead_lettered.with_label_values(&[topic.as_str()]).inc();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for (p, n) in per_partition {
+                    ctx.metrics.messages.with_label_values(&[topic.as_str(), &p.to_string()]).inc_by(n);
+                }
+                ctx.metrics.bytes.with_label_values(&[topic.as_str()]).inc_by(bytes);
+            }
+            let now = epoch_now(ctx.tick_ms);
+            if now > *capability.time() {
+                capability.downgrade(&now);
+            }
+            if read > 0 {
+                activator.activate();
+            } else {
+                activator.activate_after(IDLE_WAIT);
+            }
+            debug!(worker = %worker, read, "source step");
+        }
+    })
+}
+
+/// Receives librdkafka's statistics (every second) to export per-partition lag without blocking a worker.
+struct LagContext {
+    metrics: Arc<Metrics>,
+    topic: String,
+}
+
+impl ClientContext for LagContext {
+    fn stats(&self, stats: Statistics) {
+        let Some(topic) = stats.topics.get(&self.topic) else { return };
+        for (p, part) in &topic.partitions {
+            if *p < 0 || part.hi_offset < 0 {
+                continue;
+            }
+            let next = if part.app_offset >= 0 { part.app_offset } else { part.lo_offset.max(0) };
+            self.metrics.lag.with_label_values(&[self.topic.as_str(), &p.to_string()]).set((part.hi_offset - next).max(0));
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+struct Reader {
+    consumer: BaseConsumer<LagContext>,
+    partitions: Vec<i32>,
+}
+
+impl Reader {
+    fn connect(cfg: &KafkaConfig, index: usize, peers: usize, metrics: Arc<Metrics>) -> Result<Reader, RuntimeError> {
+        let context = LagContext { metrics, topic: cfg.topic.clone() };
+        let consumer: BaseConsumer<LagContext> = client_config(cfg).set("statistics.interval.ms", "1000").create_with_context(context)?;
+        let metadata = consumer.fetch_metadata(Some(&cfg.topic), Duration::from_secs(5))?;
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == cfg.topic)
+            .ok_or_else(|| RuntimeError::Config(format!("topic {} not in metadata", cfg.topic)))?;
+        if let Some(err) = topic.error() {
+            return Err(RuntimeError::Config(format!("topic {}: {:?}", cfg.topic, rdkafka::types::RDKafkaRespErr::from(err))));
+        }
+        if topic.partitions().is_empty() {
+            return Err(RuntimeError::Config(format!("topic {} has no partitions yet", cfg.topic)));
+        }
+        let partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).filter(|p| (*p as usize) % peers == index).collect();
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(&cfg.topic, *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        Ok(Reader { consumer, partitions })
+    }
+}
+
+/// The librdkafka configuration tally uses for every consumer.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
+        .set("client.id", &cfg.client_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("socket.nagle.disable", "true");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// True when a header of this name is on the message.
+pub fn has_header(msg: &BorrowedMessage<'_>, name: &str) -> bool {
+    msg.headers().is_some_and(|h| h.iter().any(|hd| hd.key == name))
+}
+
+/// The Debezium decoder as a Kafka [`Decoder`].
+impl Decoder for super::debezium::DebeziumDecoder {
+    type Out = dataflows::usage::Change;
+    fn decode(&mut self, msg: &BorrowedMessage<'_>) -> Result<Decoded<Self::Out>, DecodeError> {
+        let meta = super::debezium::Meta {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            has_newkey: has_header(msg, "__debezium.newkey"),
+            has_oldkey: has_header(msg, "__debezium.oldkey"),
+        };
+        Ok(match super::debezium::DebeziumDecoder::decode(self, msg.key(), msg.payload(), meta)? {
+            super::debezium::Decoded::Change(c) => Decoded::Record(c),
+            super::debezium::Decoded::Ignored(r) => Decoded::Ignored(r),
+        })
+    }
+}
