@@ -408,3 +408,267 @@ impl Schema<'_> {
         Ok(types)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn fixtures() -> PathBuf {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/debezium");
+        assert!(dir.is_dir(), "fixtures missing at {}: ../shared must sit beside the checkout", dir.display());
+        dir
+    }
+
+    fn read(path: &Path) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        (!bytes.is_empty()).then_some(bytes)
+    }
+
+    fn json(path: &Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    /// The payload of a fixture value, whatever its schema setting.
+    fn payload(v: serde_json::Value) -> serde_json::Value {
+        match v.get("payload") {
+            Some(p) if v.get("schema").is_some() => p.clone(),
+            _ => v,
+        }
+    }
+
+    /// Expected row of `side` in `file` of `profile/kind/schemas`, from independent facts: integer prices
+    /// read as JSON integers, decimal prices = the integer profile's price / 100 (same rows, DECIMAL(10,2)),
+    /// and `started` = the epoch milliseconds the Timestamp profile carries for the same row.
+    fn expected_row(profile: &Path, kind: &str, file: &str, side: &str) -> Option<Row> {
+        let int = payload(json(&profile.join("int-zonedtimestamp/schemas-disabled").join(file)));
+        let r = int.get(side).filter(|r| !r.is_null())?;
+        let int_price = r["price_second"].as_i64().unwrap();
+        let decimal_dir = fixtures().join("v2.7/decimal-timestamp/schemas-disabled");
+        let ms = payload(json(&decimal_dir.join(file)))[side]["started"].as_i64().unwrap();
+        Some(Row {
+            org: r["organization_uuid"].as_str().unwrap().into(),
+            instance: r["instance_uuid"].as_str().unwrap().into(),
+            price: if kind == "int-zonedtimestamp" { Money::from_int(int_price) } else { Money::from_unscaled(int_price.into(), 2).unwrap() },
+            started_ms: ms,
+        })
+    }
+
+    #[test]
+    fn every_generated_fixture_decodes_to_the_values_it_holds() {
+        let mut checked = 0;
+        for profile in ["v1.9", "v2.7", "v3.2-mariadb"] {
+            let profile = fixtures().join(profile);
+            for kind in ["int-zonedtimestamp", "decimal-timestamp"] {
+                for schemas in ["schemas-enabled", "schemas-disabled"] {
+                    let dir = profile.join(kind).join(schemas);
+                    if !dir.is_dir() {
+                        continue;
+                    }
+                    // Schemas off lose the Decimal's scale: the operator supplies it.
+                    let scale = (kind == "decimal-timestamp" && schemas == "schemas-disabled").then_some(2);
+                    for entry in std::fs::read_dir(&dir).unwrap() {
+                        let path = entry.unwrap().path();
+                        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+                        let Some(stem) = name.strip_suffix(".value.json") else { continue };
+                        let key = read(&dir.join(format!("{stem}.key.json")));
+                        let value = read(&path);
+                        let got = DebeziumDecoder::new(scale).decode(key.as_deref(), value.as_deref(), Meta::default());
+                        let got = got.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                        let Decoded::Change(change) = got else { panic!("{}: ignored", path.display()) };
+                        assert_eq!(change.key.as_deref(), Some("{\"id\":".to_owned() + &payload(json(&dir.join(format!("{stem}.key.json"))))["id"].to_string() + "}").as_deref(), "{}", path.display());
+                        let Some(value) = value else {
+                            assert_eq!(change.op, Op::Tombstone, "{}", path.display());
+                            checked += 1;
+                            continue;
+                        };
+                        let p = payload(serde_json::from_slice(&value).unwrap());
+                        assert_eq!(change.ts_ms, p["source"]["ts_ms"].as_i64().unwrap(), "{}", path.display());
+                        let pos = change.pos.expect("generated fixtures carry binlog positions");
+                        assert_eq!(pos.pos, p["source"]["pos"].as_u64().unwrap());
+                        assert_eq!(pos.file, 3, "mysql-bin.000003");
+                        let after = expected_row(&profile, kind, &name, "after");
+                        let before = expected_row(&profile, kind, &name, "before");
+                        let expected = match p["op"].as_str().unwrap() {
+                            "r" => Op::Upsert { kind: Upsert::Read, row: after.unwrap(), moved_in: false },
+                            "c" => Op::Upsert { kind: Upsert::Create, row: after.unwrap(), moved_in: false },
+                            "u" => Op::Upsert { kind: Upsert::Update, row: after.unwrap(), moved_in: false },
+                            "d" => Op::Delete { before, moved_out: false },
+                            other => panic!("unexpected op {other}"),
+                        };
+                        assert_eq!(change.op, expected, "{}", path.display());
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 10 * 7, "ten directories of seven events each");
+    }
+
+    /// Decodes a `.jsonl` capture (`{"topic","key","value", "partition"?, "offset"?, "headers"?}` per line).
+    fn decode_lines(path: &Path, scale: Option<u32>) -> Vec<Result<Decoded, DecodeError>> {
+        let mut decoder = DebeziumDecoder::new(scale);
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .enumerate()
+            .map(|(i, line)| {
+                let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+                let header = |name: &str| rec["headers"].as_array().is_some_and(|h| h.iter().any(|x| x["key"] == name));
+                let meta = Meta {
+                    partition: rec["partition"].as_i64().unwrap_or(0) as i32,
+                    offset: rec["offset"].as_i64().unwrap_or(i as i64),
+                    has_newkey: header("__debezium.newkey"),
+                    has_oldkey: header("__debezium.oldkey"),
+                };
+                decoder.decode(rec["key"].as_str().map(str::as_bytes), rec["value"].as_str().map(str::as_bytes), meta)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn generated_streams_decode_without_errors() {
+        for profile in ["v1.9", "v2.7", "v3.2-mariadb"] {
+            for kind in ["int-zonedtimestamp", "decimal-timestamp"] {
+                for schemas in ["schemas-enabled", "schemas-disabled"] {
+                    let path = fixtures().join(profile).join(kind).join(schemas).join("stream.jsonl");
+                    if !path.exists() {
+                        continue;
+                    }
+                    let scale = (kind == "decimal-timestamp").then_some(2);
+                    for (i, r) in decode_lines(&path, scale).into_iter().enumerate() {
+                        assert!(matches!(r, Ok(Decoded::Change(_))), "{}:{}: {r:?}", path.display(), i + 1);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extras_primary_key_change_truncate_and_non_row_records() {
+        let lines = decode_lines(&fixtures().join("v2.7/extras/stream.jsonl"), None);
+        let ops: Vec<String> = lines
+            .iter()
+            .map(|r| match r {
+                Ok(Decoded::Change(c)) => match &c.op {
+                    Op::Upsert { kind, moved_in, .. } => format!("{kind:?}{}", if *moved_in { "+moved" } else { "" }),
+                    Op::Delete { moved_out, .. } => format!("Delete{}", if *moved_out { "+moved" } else { "" }),
+                    other => format!("{other:?}"),
+                },
+                Ok(Decoded::Ignored(reason)) => format!("ignored:{reason}"),
+                Err(e) => panic!("{e}"),
+            })
+            .collect();
+        assert_eq!(ops[..3], ["Delete+moved", "Tombstone", "Create+moved"]);
+        assert!(ops.contains(&"Truncate".to_string()), "{ops:?}");
+
+        let dir = fixtures().join("v2.7/extras");
+        let one = |stem: &str| {
+            let key = dir.join(format!("{stem}.key.json"));
+            // Some extras ship without a key file; a row event always has one on the wire.
+            let key = if key.exists() { read(&key) } else if stem == "truncate" { None } else { Some(b"{\"id\":41}".to_vec()) };
+            DebeziumDecoder::new(None).decode(key.as_deref(), read(&dir.join(format!("{stem}.value.json"))).as_deref(), Meta::default())
+        };
+        assert_eq!(one("heartbeat").unwrap(), Decoded::Ignored("heartbeat"));
+        assert_eq!(one("transaction-begin").unwrap(), Decoded::Ignored("transaction"));
+        assert_eq!(one("transaction-end").unwrap(), Decoded::Ignored("transaction"));
+        assert_eq!(one("schema-change.schemaless").unwrap(), Decoded::Ignored("schema_change"));
+        let Decoded::Change(t) = one("truncate").unwrap() else { panic!("truncate ignored") };
+        assert_eq!((t.key, t.op), (None, Op::Truncate));
+        let Decoded::Change(inc) = one("incremental-snapshot-read.schemaless").unwrap() else { panic!() };
+        assert_eq!(inc.pos, None, "incremental snapshot reads are not position-deduplicated");
+        for stem in ["create-with-query.schemaless", "create-with-transaction.schemaless"] {
+            assert!(matches!(one(stem).unwrap(), Decoded::Change(Change { op: Op::Upsert { kind: Upsert::Create, .. }, .. })), "{stem}");
+        }
+    }
+
+    #[test]
+    fn captured_streams_with_and_without_schemas_decode_alike() {
+        let changes = |file: &str| -> (Vec<Change>, usize) {
+            let mut ignored = 0;
+            let mut out = Vec::new();
+            for r in decode_lines(&fixtures().join("captured").join(file), None) {
+                match r.unwrap() {
+                    Decoded::Change(c) => out.push(c),
+                    Decoded::Ignored(reason) => {
+                        assert_eq!(reason, "schema_change");
+                        ignored += 1;
+                    }
+                }
+            }
+            (out, ignored)
+        };
+        let (with, ignored_with) = changes("mysqlconn-instances_schemas.jsonl");
+        let (without, ignored_without) = changes("mysqlconn-instances_noschemas.jsonl");
+        assert_eq!((ignored_with, ignored_without), (6, 6));
+        assert_eq!(with.len(), 23);
+        // Two separate captures of the same statements: equal but for the wall-clock times.
+        let strip = |v: Vec<Change>| {
+            v.into_iter()
+                .map(|c| {
+                    let op = match c.op {
+                        Op::Upsert { kind, row, .. } => format!("{kind:?} {} {} {}", row.org, row.instance, row.price),
+                        Op::Delete { before, .. } => format!("Delete {:?}", before.map(|r| (r.instance, r.price))),
+                        other => format!("{other:?}"),
+                    };
+                    (c.key, op)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(with.clone()), strip(without));
+        // Line 11 of the capture: the explicit `started` of 2025-06-01 12:34:56 UTC.
+        let explicit = with.iter().find(|c| matches!(&c.op, Op::Upsert { row, .. } if row.instance.ends_with("000000000005"))).unwrap();
+        let Op::Upsert { row, .. } = &explicit.op else { unreachable!() };
+        assert_eq!(row.started_ms, 1_748_781_296_000);
+        assert_eq!(row.price, Money::from_int(3));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_with_a_reason() {
+        let good = std::fs::read_to_string(fixtures().join("v2.7/int-zonedtimestamp/schemas-disabled/create.value.json")).unwrap();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![0xff, 0xfe, 0x00, 0x13], "malformed"),
+            (good.as_bytes()[..good.len() / 2].to_vec(), "truncated"),
+            (b"not json at all".to_vec(), "malformed"),
+            (good.replace("\"op\":\"c\"", "\"op\":\"x\"").into_bytes(), "unknown_op"),
+            (good.replace("\"price_second\":12", "\"price_second\":true").into_bytes(), "wrong_type"),
+            (good.replace("\"price_second\":12,", "").into_bytes(), "missing_field"),
+            (good.replace("\"organization_uuid\":\"7c9e6679-7425-40de-944b-e07fc1f90ae7\"", "\"organization_uuid\":42").into_bytes(), "shape"),
+            (good.replace("2024-05-01T12:34:56Z", "yesterday").into_bytes(), "bad_timestamp"),
+            (good.replace("\"source\":", "\"src\":").into_bytes(), "missing_field"),
+            (b"[1,2,3]".to_vec(), "shape"),
+            (good.replace("\"price_second\":12", "\"price_second\":1e-12").into_bytes(), "bad_decimal"),
+        ];
+        for (value, reason) in cases {
+            let got = DebeziumDecoder::new(None).decode(Some(b"{\"id\":43}"), Some(&value), Meta::default());
+            match got {
+                Err(e) => assert_eq!(e.reason(), reason, "{e} for {:?}", String::from_utf8_lossy(&value[..value.len().min(60)])),
+                Ok(d) => panic!("expected {reason}, decoded {d:?}"),
+            }
+        }
+        let key_garbage = DebeziumDecoder::new(None).decode(Some(b"{\"id\":"), Some(good.as_bytes()), Meta::default());
+        assert_eq!(key_garbage.unwrap_err().reason(), "truncated");
+    }
+
+    #[test]
+    fn prices_in_every_encoding() {
+        assert_eq!(decode_price("42", PriceType::Plain, None).unwrap(), Money::from_int(42));
+        assert_eq!(decode_price("12.5", PriceType::Plain, None).unwrap().to_string(), "12.5");
+        assert_eq!(decode_price("\"12.50\"", PriceType::Plain, None).unwrap().to_string(), "12.5");
+        assert_eq!(decode_price("\"APo=\"", PriceType::Decimal(2), None).unwrap().to_string(), "2.5");
+        assert_eq!(decode_price("\"/w==\"", PriceType::Decimal(0), None).unwrap().to_string(), "-1");
+        assert_eq!(decode_price("\"APo=\"", PriceType::Plain, Some(3)).unwrap().to_string(), "0.25");
+        assert!(decode_price("\"APo=\"", PriceType::Plain, None).is_err(), "base64 without a scale is not a number");
+    }
+
+    #[test]
+    fn timestamps_in_every_encoding() {
+        assert_eq!(decode_time("\"2024-05-01T12:34:56Z\"", TimeType::Zoned).unwrap(), 1_714_566_896_000);
+        assert_eq!(decode_time("\"2024-05-01T14:34:56.250+02:00\"", TimeType::Plain).unwrap(), 1_714_566_896_250);
+        assert_eq!(decode_time("1714566896000", TimeType::Millis).unwrap(), 1_714_566_896_000);
+        assert_eq!(decode_time("1714566896000123", TimeType::Micros).unwrap(), 1_714_566_896_000);
+        assert_eq!(decode_time("1714566896000123", TimeType::Plain).unwrap(), 1_714_566_896_000);
+        assert_eq!(decode_time("1714566896000123456", TimeType::Nanos).unwrap(), 1_714_566_896_000);
+        assert!(decode_time("\"2024-13-01T00:00:00Z\"", TimeType::Zoned).is_err());
+    }
+}
