@@ -1,0 +1,232 @@
+//! The usage pipeline end to end: the real `tally` binary against a real Kafka-protocol broker started by
+//! `scripts/broker`, fed genuine Debezium captures and simulator histories; asserts exact JSON.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{capture_records, produce, Broker, Rec, Tally};
+use serde_json::json;
+use tally::sim::{debezium_records, SimEvent, Simulator};
+
+const TOPIC: &str = "topic.cloud.instances";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The expected usage of `captured/mysqlconn-instances_schemas.jsonl`, computed by hand from its rows
+/// (`started` columns and `source.ts_ms` of each statement, in epoch seconds).
+fn captured_expected() -> serde_json::Value {
+    // Organization 3f8e...: rows 1, 2 (snapshot), 6, 7, and 1 again after TRUNCATE (which the connector
+    // skips by default, so 2, 6 and 7 still run). Only row 1 was deleted: price 12 from its `started`
+    // 2024-01-15T10:00:00Z (1705312800) to the DELETE at 1795417081.
+    let a_billing: i64 = 12 * (1_795_417_081 - 1_705_312_800);
+    // Organization 7a2d...: rows 3 (snapshot), 4, 5, 8, all deleted at 1795417085.
+    let b_billing: i64 = 7 * (1_795_417_085 - 1_795_417_071) // row 3, started 06:57:51
+        + 40 * (1_795_417_079 - 1_795_417_076) + 45 * (1_795_417_085 - 1_795_417_079) // row 4: 40 until the UPDATE, then 45
+        + 3 * (1_795_417_085 - 1_748_781_296) // row 5, explicit started 2025-06-01 12:34:56
+        + 12 * (1_795_417_085 - 1_795_417_082); // row 8
+    json!({
+        "3f8e1c52-5b7a-4d0e-9a31-6c2f0b9d4e11": {"started": 5, "running": 4, "billing": a_billing},
+        "7a2d9e44-1c3b-4f6a-8e5d-2b9c0a7f1e22": {"started": 4, "running": 0, "billing": b_billing},
+    })
+}
+
+fn usage_args<'a>(broker: &'a Broker, workers: &'a str, dead_letter: &'a str) -> Vec<&'a str> {
+    vec!["usage", "--brokers", &broker.addr, "--topic", TOPIC, "-w", workers, "--dead-letter", dead_letter]
+}
+
+#[test]
+fn captured_stream_gives_the_hand_computed_bill() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 1);
+    let records = capture_records(&common::fixtures().join("captured/mysqlconn-instances_schemas.jsonl"), TOPIC, |_| 0);
+    assert_eq!(records.len(), 23);
+    produce(&broker, TOPIC, &records);
+    let dir = common::temp_dir("captured");
+    let dl = dir.join("dl.jsonl");
+    let tally = Tally::spawn(&usage_args(&broker, "1", dl.to_str().unwrap()));
+    tally.wait_for_json("/", &captured_expected(), WAIT);
+    let (_, head, _) = tally.get("/");
+    let as_of: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Tally-As-Of: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("as-of header");
+    assert!(as_of > 1_700_000_000_000, "as-of is an epoch-ms closed timestamp, got {as_of}");
+    assert_eq!(tally.metric("tally_source_messages_total{partition=\"0\",topic=\"topic.cloud.instances\"}"), 23.0);
+    let (status, _, health) = tally.get("/health");
+    assert_eq!(status, 200);
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert!(tally.get("/ui").2.contains("<table"));
+}
+
+#[test]
+fn captured_stream_over_four_partitions_with_two_workers_and_redelivery() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 4);
+    // Each key stays in one partition, as Kafka's partitioner does; order across partitions is lost.
+    let by_key = |v: &serde_json::Value| {
+        let key = v["key"].as_str().unwrap_or("");
+        (key.bytes().map(u32::from).sum::<u32>() % 4) as i32
+    };
+    let records = capture_records(&common::fixtures().join("captured/mysqlconn-instances_noschemas.jsonl"), TOPIC, by_key);
+    let schemas = capture_records(&common::fixtures().join("captured/mysqlconn-instances_schemas.jsonl"), TOPIC, by_key);
+    produce(&broker, TOPIC, &schemas);
+    // A connector restart re-delivers what it already sent: the whole stream again.
+    produce(&broker, TOPIC, &schemas);
+    let dir = common::temp_dir("partitions");
+    let dl = dir.join("dl.jsonl");
+    let tally = Tally::spawn(&usage_args(&broker, "2", dl.to_str().unwrap()));
+    tally.wait_for_json("/", &captured_expected(), WAIT);
+    let read: f64 = (0..4).map(|p| tally.metric(&format!("tally_source_messages_total{{partition=\"{p}\",topic=\"{TOPIC}\"}}"))).sum();
+    assert_eq!(read, 46.0, "both copies read");
+    // 23 re-delivered records, of which 5 tombstones (no binlog position): 18 recognised as duplicates.
+    tally.wait_for_metric("tally_usage_events_total{kind=\"duplicate\"}", 18.0, WAIT);
+    assert_eq!(tally.metric("tally_usage_events_total{kind=\"duplicate\"}"), 18.0);
+    tally.wait_for_json("/", &captured_expected(), WAIT);
+    // The same statements captured with schemas off decode to the same rows: same JSON modulo times.
+    assert_eq!(records.len(), 23);
+}
+
+/// What the simulator did, billed independently of tally: per organization started, running, billing.
+fn ledger(events: &[(SimEvent, i64)]) -> serde_json::Value {
+    let mut per_org: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for (event, ts) in events {
+        match event {
+            SimEvent::Deploy(r) => {
+                let e = per_org.entry(r.org.clone()).or_default();
+                e.0 += 1;
+                e.1 += 1;
+            }
+            SimEvent::Destroy(r) => {
+                let e = per_org.entry(r.org.clone()).or_default();
+                e.1 -= 1;
+                e.2 += r.price * (ts - r.started_s);
+            }
+        }
+    }
+    serde_json::Value::Object(per_org.into_iter().map(|(org, (s, r, b))| (org, json!({"started": s, "running": r, "billing": b}))).collect())
+}
+
+/// `steps` simulator steps with database time advancing 1-3 s per step, as Debezium records over
+/// `partitions` partitions (by id), plus the ledger.
+fn simulated(steps: usize, partitions: i32, seed: u64) -> (Vec<Rec>, serde_json::Value) {
+    let mut sim = Simulator::new(seed);
+    let mut ts = 1_700_000_000i64;
+    let mut events = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..steps {
+        ts += 1 + (i as i64 % 3);
+        let event = sim.step(ts);
+        let id = match &event {
+            SimEvent::Deploy(r) | SimEvent::Destroy(r) => r.id,
+        };
+        for (key, value) in debezium_records(&event, ts, 1000 + i as u64 * 10, i % 2 == 0) {
+            records.push(Rec { partition: (id % partitions as u64) as i32, key: Some(key.into_bytes()), value: value.map(String::into_bytes), headers: vec![] });
+        }
+        events.push((event, ts));
+    }
+    (records, ledger(&events))
+}
+
+#[test]
+fn simulated_history_matches_its_ledger_for_one_and_two_workers_and_after_kill() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 4);
+    let (records, expected) = simulated(3000, 4, 42);
+    produce(&broker, TOPIC, &records);
+    let dir = common::temp_dir("sim");
+    let dl = dir.join("dl.jsonl");
+    let dl = dl.to_str().unwrap();
+    let one = Tally::spawn(&usage_args(&broker, "1", dl));
+    let body_one = one.wait_for_json("/", &expected, WAIT);
+    one.kill();
+    let two = Tally::spawn(&usage_args(&broker, "2", dl));
+    let body_two = two.wait_for_json("/", &expected, WAIT);
+    assert_eq!(body_one, body_two, "byte-identical JSON for -w 1 and -w 2");
+    // kill -9 and start again: state is rebuilt from the earliest offset to the same numbers.
+    two.kill();
+    let again = Tally::spawn(&usage_args(&broker, "2", dl));
+    assert_eq!(again.wait_for_json("/", &expected, WAIT), body_one);
+    assert_eq!(std::fs::read_to_string(dl).unwrap_or_default(), "", "nothing dead-lettered");
+}
+
+#[test]
+fn malformed_messages_are_counted_dead_lettered_and_do_not_disturb_the_rest() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 1);
+    let good = capture_records(&common::fixtures().join("captured/mysqlconn-instances_schemas.jsonl"), TOPIC, |_| 0);
+    let valid = String::from_utf8(good[3].value.clone().unwrap()).unwrap();
+    let bad = |value: Vec<u8>| Rec { partition: 0, key: Some(b"{\"id\":999}".to_vec()), value: Some(value), headers: vec![] };
+    let bads = vec![
+        bad(vec![0xde, 0xad, 0xbe, 0xef, 0x00]),                        // garbage bytes
+        bad(valid.as_bytes()[..valid.len() / 3].to_vec()),               // truncated JSON
+        bad(valid.replace("\"price_second\":40", "\"price_second\":[40]").into_bytes()), // wrong type
+        bad(valid.replace("\"op\":\"c\"", "\"op\":\"z\"").into_bytes()), // unknown op
+        bad(valid.replace("\"source\":", "\"sauce\":").into_bytes()),    // missing field
+    ];
+    // Interleave: a bad message after every fourth good one.
+    let mut records = Vec::new();
+    let mut bad_iter = bads.into_iter();
+    for (i, r) in good.into_iter().enumerate() {
+        records.push(r);
+        if i % 4 == 3 {
+            if let Some(b) = bad_iter.next() {
+                records.push(b);
+            }
+        }
+    }
+    records.extend(bad_iter);
+    produce(&broker, TOPIC, &records);
+    let dir = common::temp_dir("malformed");
+    let dl = dir.join("dead-letter.jsonl");
+    let tally = Tally::spawn(&usage_args(&broker, "1", dl.to_str().unwrap()));
+    tally.wait_for_json("/", &captured_expected(), WAIT);
+    let metric = |reason: &str| tally.metric(&format!("tally_source_decode_errors_total{{reason=\"{reason}\",topic=\"topic.cloud.instances\"}}"));
+    assert_eq!(metric("malformed"), 1.0);
+    assert_eq!(metric("truncated"), 1.0);
+    assert_eq!(metric("wrong_type"), 1.0);
+    assert_eq!(metric("unknown_op"), 1.0);
+    assert_eq!(metric("missing_field"), 1.0);
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&dl).expect("dead-letter file").lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 5);
+    for l in &lines {
+        assert_eq!(l["topic"], TOPIC);
+        assert_eq!(l["partition"], 0);
+        let offset = l["offset"].as_i64().unwrap();
+        assert!(records[offset as usize].key.as_deref() == Some(b"{\"id\":999}".as_slice()), "offset {offset} is a bad record");
+    }
+    assert_eq!(lines[0]["value_base64"], "3q2+7wA=", "non-UTF-8 bytes kept as base64");
+    assert_eq!(lines[1]["reason"], "truncated");
+}
+
+#[test]
+fn a_cluster_of_two_processes_matches_one_process() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 4);
+    let (records, expected) = simulated(1000, 4, 7);
+    produce(&broker, TOPIC, &records);
+    let dir = common::temp_dir("cluster");
+    let ports: Vec<u16> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+        .collect();
+    let hostfile = dir.join("hosts");
+    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
+    let dl = dir.join("dl.jsonl");
+    let (dl, hf) = (dl.to_str().unwrap(), hostfile.to_str().unwrap());
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(usage_args(&broker, "1", dl))
+        .args(["--processes", "2", "--process", "1", "--hostfile", hf, "--listen", "127.0.0.1:0"])
+        .env("TALLY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn process 1");
+    let mut args = usage_args(&broker, "1", dl);
+    args.extend(["--processes", "2", "--process", "0", "--hostfile", hf]);
+    let first = Tally::spawn(&args);
+    first.wait_for_json("/", &expected, WAIT);
+    first.kill();
+    let _ = second.kill();
+    let _ = second.wait();
+}
