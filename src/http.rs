@@ -74,12 +74,16 @@ fn respond(request: Request, routes: &Routes) {
     debug!(%path, %method, "HTTP request");
     let json = header("Content-Type", "application/json");
     let response = match (&method, path.as_str()) {
-        (Method::Get, "/metrics") => Response::from_string(routes.metrics.render()).with_header(header("Content-Type", "text/plain; version=0.0.4")),
+        (Method::Get, "/metrics") => {
+            Response::from_string(routes.metrics.render()).with_header(header("Content-Type", "text/plain; version=0.0.4"))
+        }
         (Method::Get, "/health") => {
             let views: Vec<String> = routes
                 .views
                 .iter()
-                .map(|(p, v)| format!("{}: {}", serde_json::to_string(p).unwrap_or_default(), v.read().0.map_or("null".into(), |t| t.to_string())))
+                .map(|(p, v)| {
+                    format!("{}: {}", serde_json::to_string(p).unwrap_or_default(), v.read().0.map_or("null".into(), |t| t.to_string()))
+                })
                 .collect();
             Response::from_string(format!("{{\"status\":\"ok\",\"as_of\":{{{}}}}}", views.join(","))).with_header(json)
         }

@@ -50,7 +50,13 @@ struct ClusterArgs {
 
 impl ClusterArgs {
     fn cluster(&self) -> Cluster {
-        Cluster { workers: self.workers, processes: self.processes, process: self.process, hostfile: self.hostfile.clone(), tick_ms: self.tick_ms }
+        Cluster {
+            workers: self.workers,
+            processes: self.processes,
+            process: self.process,
+            hostfile: self.hostfile.clone(),
+            tick_ms: self.tick_ms,
+        }
     }
 }
 
@@ -120,11 +126,18 @@ fn usage(args: UsageArgs) -> anyhow::Result<()> {
     if cluster.serves_http() {
         let (server, addr) = runtime::bind(&args.listen)?;
         println!("tally: usage view on http://{addr}/ (metrics /metrics, page /ui)");
-        let routes = Routes { views: vec![("/".into(), view.clone())], metrics: metrics.clone(), ui_title: "usage per organization".into() };
+        let routes =
+            Routes { views: vec![("/".into(), view.clone())], metrics: metrics.clone(), ui_title: "usage per organization".into() };
         runtime::spawn_http(server, routes, shutdown.clone());
     }
     let cfg = UsageConfig {
-        kafka: KafkaConfig { brokers: args.brokers, topic: args.topic, group_id: args.group_id, client_id: args.client_id, properties: args.kafka_properties },
+        kafka: KafkaConfig {
+            brokers: args.brokers,
+            topic: args.topic,
+            group_id: args.group_id,
+            client_id: args.client_id,
+            properties: args.kafka_properties,
+        },
         dead_letter: args.dead_letter,
         decimal_scale: args.decimal_scale,
         cluster,

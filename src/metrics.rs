@@ -40,7 +40,12 @@ impl Metrics {
             messages: counter(&r, "tally_source_messages_total", "Kafka messages read", &["topic", "partition"]),
             bytes: counter(&r, "tally_source_bytes_total", "Bytes of Kafka keys and values read", &["topic"]),
             decode_errors: counter(&r, "tally_source_decode_errors_total", "Messages that could not be decoded", &["topic", "reason"]),
-            ignored: counter(&r, "tally_source_ignored_total", "Messages that are not data (schema changes, heartbeats, ...)", &["topic", "reason"]),
+            ignored: counter(
+                &r,
+                "tally_source_ignored_total",
+                "Messages that are not data (schema changes, heartbeats, ...)",
+                &["topic", "reason"],
+            ),
             dead_lettered: counter(&r, "tally_source_dead_letter_total", "Messages written to the dead-letter file", &["topic"]),
             kafka_errors: counter(&r, "tally_source_kafka_errors_total", "Errors reported by the Kafka client", &["topic"]),
             lag: gauge(&r, "tally_source_lag_messages", "High watermark minus next offset to read", &["topic", "partition"]),

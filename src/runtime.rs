@@ -62,7 +62,13 @@ impl Cluster {
             )));
         }
         Ok(timely::Config {
-            communication: CommunicationConfig::Cluster { threads: self.workers, process: self.process, addresses, report: false, zerocopy: false },
+            communication: CommunicationConfig::Cluster {
+                threads: self.workers,
+                process: self.process,
+                addresses,
+                report: false,
+                zerocopy: false,
+            },
             worker: WorkerConfig::default(),
         })
     }
@@ -98,8 +104,13 @@ pub fn render_usage(state: &BTreeMap<String, Usage>) -> String {
 }
 
 /// Gathers a view's updates on worker 0 and publishes the accumulated state at each closed timestamp.
-pub fn publish<'s, K, R>(collection: VecCollection<'s, u64, K, R>, name: &'static str, view: ViewHandle, metrics: Arc<Metrics>, render: fn(&BTreeMap<K, R>) -> String)
-where
+pub fn publish<'s, K, R>(
+    collection: VecCollection<'s, u64, K, R>,
+    name: &'static str,
+    view: ViewHandle,
+    metrics: Arc<Metrics>,
+    render: fn(&BTreeMap<K, R>) -> String,
+) where
     K: timely::ExchangeData + Ord + Clone,
     R: timely::ExchangeData + Semigroup + IsZero,
 {
@@ -172,7 +183,7 @@ pub fn run_usage(cfg: UsageConfig, metrics: Arc<Metrics>, view: ViewHandle, shut
         let decimal_scale = cfg.decimal_scale;
         let (view, metrics) = (view.clone(), metrics.clone());
         let state_size = worker.dataflow::<u64, _, _>(|scope| {
-            let changes = kafka_source(scope.clone(), kafka, DebeziumDecoder::new(decimal_scale), ctx);
+            let changes = kafka_source(scope, kafka, DebeziumDecoder::new(decimal_scale), ctx);
             let views = dataflows::usage::usage(changes);
             let note_metrics = metrics.clone();
             views.notes.inspect(move |(note, _t, diff)| {

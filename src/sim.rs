@@ -56,7 +56,8 @@ impl Simulator {
     pub fn step(&mut self, now_s: i64) -> SimEvent {
         if self.live.is_empty() || self.rng.random_range(0..3) < 2 {
             let org = self.orgs[self.rng.random_range(0..self.orgs.len())].clone();
-            let row = SimRow { id: self.next_id, org, instance: uuid_v4(&mut self.rng), price: self.rng.random_range(1..=100), started_s: now_s };
+            let row =
+                SimRow { id: self.next_id, org, instance: uuid_v4(&mut self.rng), price: self.rng.random_range(1..=100), started_s: now_s };
             self.next_id += 1;
             self.live.push_back(row.clone());
             SimEvent::Deploy(row)
@@ -81,7 +82,8 @@ fn uuid_v4(rng: &mut StdRng) -> String {
 /// The connector's value schema for `cloud.instances` (INT price, TIMESTAMP started), as JsonConverter
 /// writes it with `schemas.enable=true`.
 pub const VALUE_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"},{"type":"string","optional":false,"field":"organization_uuid"},{"type":"string","optional":false,"field":"instance_uuid"},{"type":"int32","optional":false,"field":"price_second"},{"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"default":"1970-01-01T00:00:00Z","field":"started"}],"optional":true,"name":"topic.cloud.instances.Value","field":"before"},{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"},{"type":"string","optional":false,"field":"organization_uuid"},{"type":"string","optional":false,"field":"instance_uuid"},{"type":"int32","optional":false,"field":"price_second"},{"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"default":"1970-01-01T00:00:00Z","field":"started"}],"optional":true,"name":"topic.cloud.instances.Value","field":"after"},{"type":"struct","fields":[{"type":"string","optional":false,"field":"version"},{"type":"string","optional":false,"field":"connector"},{"type":"string","optional":false,"field":"name"},{"type":"int64","optional":false,"field":"ts_ms"},{"type":"string","optional":true,"name":"io.debezium.data.Enum","version":1,"parameters":{"allowed":"true,last,false,incremental"},"default":"false","field":"snapshot"},{"type":"string","optional":false,"field":"db"},{"type":"string","optional":true,"field":"sequence"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"},{"type":"string","optional":true,"field":"table"},{"type":"int64","optional":false,"field":"server_id"},{"type":"string","optional":true,"field":"gtid"},{"type":"string","optional":false,"field":"file"},{"type":"int64","optional":false,"field":"pos"},{"type":"int32","optional":false,"field":"row"},{"type":"int64","optional":true,"field":"thread"},{"type":"string","optional":true,"field":"query"}],"optional":false,"name":"io.debezium.connector.mysql.Source","field":"source"},{"type":"struct","fields":[{"type":"string","optional":false,"field":"id"},{"type":"int64","optional":false,"field":"total_order"},{"type":"int64","optional":false,"field":"data_collection_order"}],"optional":true,"name":"event.block","version":1,"field":"transaction"},{"type":"string","optional":false,"field":"op"},{"type":"int64","optional":true,"field":"ts_ms"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"}],"optional":false,"name":"topic.cloud.instances.Envelope","version":2}"#;
-const KEY_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"}],"optional":false,"name":"topic.cloud.instances.Key"}"#;
+const KEY_SCHEMA: &str =
+    r#"{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"}],"optional":false,"name":"topic.cloud.instances.Key"}"#;
 
 /// `2024-05-01T12:34:56Z` for an epoch second.
 pub fn zoned_timestamp(epoch_s: i64) -> String {
@@ -140,31 +142,6 @@ pub fn debezium_records(event: &SimEvent, ts_s: i64, pos: u64, schemas: bool) ->
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_render_like_debezium() {
-        assert_eq!(zoned_timestamp(1_714_566_896), "2024-05-01T12:34:56Z");
-        assert_eq!(zoned_timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(zoned_timestamp(951_782_400), "2000-02-29T00:00:00Z");
-    }
-
-    #[test]
-    fn destroys_the_oldest() {
-        let mut sim = Simulator::new(7);
-        let mut deployed = Vec::new();
-        for t in 0..200 {
-            match sim.step(t) {
-                SimEvent::Deploy(r) => deployed.push(r),
-                SimEvent::Destroy(r) => assert_eq!(r, deployed.remove(0)),
-            }
-        }
-        assert_eq!(sim.running(), deployed.len());
-    }
-}
-
 /// Runs the simulator against a Kafka topic in a background thread: one step per `interval`, at wall
 /// time, Debezium-encoded with schemas. Stops after `steps` steps if given.
 pub fn spawn_producer(brokers: String, topic: String, interval: std::time::Duration, steps: Option<u64>) -> std::thread::JoinHandle<()> {
@@ -172,13 +149,14 @@ pub fn spawn_producer(brokers: String, topic: String, interval: std::time::Durat
     std::thread::Builder::new()
         .name("tally-sim".into())
         .spawn(move || {
-            let producer: ThreadedProducer<DefaultProducerContext> = match rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "0").create() {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = %e, "simulator cannot create a Kafka producer");
-                    return;
-                }
-            };
+            let producer: ThreadedProducer<DefaultProducerContext> =
+                match rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "0").create() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "simulator cannot create a Kafka producer");
+                        return;
+                    }
+                };
             let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
             let mut sim = Simulator::new(seed);
             let mut pos = 4;
@@ -202,4 +180,29 @@ pub fn spawn_producer(brokers: String, topic: String, interval: std::time::Durat
             let _ = producer.flush(std::time::Duration::from_secs(5));
         })
         .expect("spawning a thread at startup")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_render_like_debezium() {
+        assert_eq!(zoned_timestamp(1_714_566_896), "2024-05-01T12:34:56Z");
+        assert_eq!(zoned_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(zoned_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn destroys_the_oldest() {
+        let mut sim = Simulator::new(7);
+        let mut deployed = Vec::new();
+        for t in 0..200 {
+            match sim.step(t) {
+                SimEvent::Deploy(r) => deployed.push(r),
+                SimEvent::Destroy(r) => assert_eq!(r, deployed.remove(0)),
+            }
+        }
+        assert_eq!(sim.running(), deployed.len());
+    }
 }

@@ -47,11 +47,8 @@ fn captured_stream_gives_the_hand_computed_bill() {
     let tally = Tally::spawn(&usage_args(&broker, "1", dl.to_str().unwrap()));
     tally.wait_for_json("/", &captured_expected(), WAIT);
     let (_, head, _) = tally.get("/");
-    let as_of: u64 = head
-        .lines()
-        .find_map(|l| l.strip_prefix("X-Tally-As-Of: "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("as-of header");
+    let as_of: u64 =
+        head.lines().find_map(|l| l.strip_prefix("X-Tally-As-Of: ")).and_then(|v| v.trim().parse().ok()).expect("as-of header");
     assert!(as_of > 1_700_000_000_000, "as-of is an epoch-ms closed timestamp, got {as_of}");
     assert_eq!(tally.metric("tally_source_messages_total{partition=\"0\",topic=\"topic.cloud.instances\"}"), 23.0);
     let (status, _, health) = tally.get("/health");
@@ -105,7 +102,9 @@ fn ledger(events: &[(SimEvent, i64)]) -> serde_json::Value {
             }
         }
     }
-    serde_json::Value::Object(per_org.into_iter().map(|(org, (s, r, b))| (org, json!({"started": s, "running": r, "billing": b}))).collect())
+    serde_json::Value::Object(
+        per_org.into_iter().map(|(org, (s, r, b))| (org, json!({"started": s, "running": r, "billing": b}))).collect(),
+    )
 }
 
 /// `steps` simulator steps with database time advancing 1-3 s per step, as Debezium records over
@@ -122,7 +121,12 @@ fn simulated(steps: usize, partitions: i32, seed: u64) -> (Vec<Rec>, serde_json:
             SimEvent::Deploy(r) | SimEvent::Destroy(r) => r.id,
         };
         for (key, value) in debezium_records(&event, ts, 1000 + i as u64 * 10, i % 2 == 0) {
-            records.push(Rec { partition: (id % partitions as u64) as i32, key: Some(key.into_bytes()), value: value.map(String::into_bytes), headers: vec![] });
+            records.push(Rec {
+                partition: (id % partitions as u64) as i32,
+                key: Some(key.into_bytes()),
+                value: value.map(String::into_bytes),
+                headers: vec![],
+            });
         }
         events.push((event, ts));
     }
@@ -159,11 +163,11 @@ fn malformed_messages_are_counted_dead_lettered_and_do_not_disturb_the_rest() {
     let valid = String::from_utf8(good[3].value.clone().unwrap()).unwrap();
     let bad = |value: Vec<u8>| Rec { partition: 0, key: Some(b"{\"id\":999}".to_vec()), value: Some(value), headers: vec![] };
     let bads = vec![
-        bad(vec![0xde, 0xad, 0xbe, 0xef, 0x00]),                        // garbage bytes
-        bad(valid.as_bytes()[..valid.len() / 3].to_vec()),               // truncated JSON
+        bad(vec![0xde, 0xad, 0xbe, 0xef, 0x00]),                                         // garbage bytes
+        bad(valid.as_bytes()[..valid.len() / 3].to_vec()),                               // truncated JSON
         bad(valid.replace("\"price_second\":40", "\"price_second\":[40]").into_bytes()), // wrong type
-        bad(valid.replace("\"op\":\"c\"", "\"op\":\"z\"").into_bytes()), // unknown op
-        bad(valid.replace("\"source\":", "\"sauce\":").into_bytes()),    // missing field
+        bad(valid.replace("\"op\":\"c\"", "\"op\":\"z\"").into_bytes()),                 // unknown op
+        bad(valid.replace("\"source\":", "\"sauce\":").into_bytes()),                    // missing field
     ];
     // Interleave: a bad message after every fourth good one.
     let mut records = Vec::new();
@@ -182,7 +186,8 @@ fn malformed_messages_are_counted_dead_lettered_and_do_not_disturb_the_rest() {
     let dl = dir.join("dead-letter.jsonl");
     let tally = Tally::spawn(&usage_args(&broker, "1", dl.to_str().unwrap()));
     tally.wait_for_json("/", &captured_expected(), WAIT);
-    let metric = |reason: &str| tally.metric(&format!("tally_source_decode_errors_total{{reason=\"{reason}\",topic=\"topic.cloud.instances\"}}"));
+    let metric =
+        |reason: &str| tally.metric(&format!("tally_source_decode_errors_total{{reason=\"{reason}\",topic=\"topic.cloud.instances\"}}"));
     assert_eq!(metric("malformed"), 1.0);
     assert_eq!(metric("truncated"), 1.0);
     assert_eq!(metric("wrong_type"), 1.0);
@@ -208,9 +213,7 @@ fn a_cluster_of_two_processes_matches_one_process() {
     let (records, expected) = simulated(1000, 4, 7);
     produce(&broker, TOPIC, &records);
     let dir = common::temp_dir("cluster");
-    let ports: Vec<u16> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-        .collect();
+    let ports: Vec<u16> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
     let hostfile = dir.join("hosts");
     std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
     let dl = dir.join("dl.jsonl");

@@ -462,11 +462,7 @@ mod tests {
     fn duplicates_and_redelivery_count_once() {
         let r1 = row(A, "i1", 5, 0);
         let r2 = row(B, "i2", 7, 10);
-        let stream = vec![
-            ev(1, 1, 0, create(r1.clone())),
-            ev(2, 2, 10, create(r2.clone())),
-            ev(1, 3, 20, delete(r1.clone())),
-        ];
+        let stream = vec![ev(1, 1, 0, create(r1.clone())), ev(2, 2, 10, create(r2.clone())), ev(1, 3, 20, delete(r1.clone()))];
         // The same events delivered twice in a row, then once more after a simulated connector restart.
         let mut batches = vec![stream.clone(), stream.clone()];
         batches.push(stream.clone());

@@ -64,10 +64,19 @@ impl DeadLetter {
         self.write_raw(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.payload(), error)
     }
 
-    pub fn write_raw(&self, topic: &str, partition: i32, offset: i64, key: Option<&[u8]>, value: Option<&[u8]>, error: &DecodeError) -> std::io::Result<()> {
+    pub fn write_raw(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        error: &DecodeError,
+    ) -> std::io::Result<()> {
         let (key, key_base64) = split(key);
         let (value, value_base64) = split(value);
-        let entry = Entry { topic, partition, offset, reason: error.reason(), error: error.to_string(), key, key_base64, value, value_base64 };
+        let entry =
+            Entry { topic, partition, offset, reason: error.reason(), error: error.to_string(), key, key_base64, value, value_base64 };
         let line = serde_json::to_string(&entry).map_err(std::io::Error::other)?;
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         writeln!(f, "{line}")?;

@@ -310,7 +310,11 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     }
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let t = s.get(r)?;
-        if t.bytes().all(|c| c.is_ascii_digit()) { t.parse().ok() } else { None }
+        if t.bytes().all(|c| c.is_ascii_digit()) {
+            t.parse().ok()
+        } else {
+            None
+        }
     };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
@@ -338,7 +342,11 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
             let h = num(i + 1..i + 3)?;
             let m = num(i + 4..i + 6)?;
             let off = h * 3600 + m * 60;
-            if *sign == b'+' { off } else { -off }
+            if *sign == b'+' {
+                off
+            } else {
+                -off
+            }
         }
         _ => return None,
     };
@@ -449,7 +457,11 @@ mod tests {
         Some(Row {
             org: r["organization_uuid"].as_str().unwrap().into(),
             instance: r["instance_uuid"].as_str().unwrap().into(),
-            price: if kind == "int-zonedtimestamp" { Money::from_int(int_price) } else { Money::from_unscaled(int_price.into(), 2).unwrap() },
+            price: if kind == "int-zonedtimestamp" {
+                Money::from_int(int_price)
+            } else {
+                Money::from_unscaled(int_price.into(), 2).unwrap()
+            },
             started_ms: ms,
         })
     }
@@ -476,7 +488,13 @@ mod tests {
                         let got = DebeziumDecoder::new(scale).decode(key.as_deref(), value.as_deref(), Meta::default());
                         let got = got.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                         let Decoded::Change(change) = got else { panic!("{}: ignored", path.display()) };
-                        assert_eq!(change.key.as_deref(), Some("{\"id\":".to_owned() + &payload(json(&dir.join(format!("{stem}.key.json"))))["id"].to_string() + "}").as_deref(), "{}", path.display());
+                        assert_eq!(
+                            change.key.as_deref(),
+                            Some("{\"id\":".to_owned() + &payload(json(&dir.join(format!("{stem}.key.json"))))["id"].to_string() + "}")
+                                .as_deref(),
+                            "{}",
+                            path.display()
+                        );
                         let Some(value) = value else {
                             assert_eq!(change.op, Op::Tombstone, "{}", path.display());
                             checked += 1;
@@ -566,7 +584,13 @@ mod tests {
         let one = |stem: &str| {
             let key = dir.join(format!("{stem}.key.json"));
             // Some extras ship without a key file; a row event always has one on the wire.
-            let key = if key.exists() { read(&key) } else if stem == "truncate" { None } else { Some(b"{\"id\":41}".to_vec()) };
+            let key = if key.exists() {
+                read(&key)
+            } else if stem == "truncate" {
+                None
+            } else {
+                Some(b"{\"id\":41}".to_vec())
+            };
             DebeziumDecoder::new(None).decode(key.as_deref(), read(&dir.join(format!("{stem}.value.json"))).as_deref(), Meta::default())
         };
         assert_eq!(one("heartbeat").unwrap(), Decoded::Ignored("heartbeat"));
@@ -633,7 +657,10 @@ mod tests {
             (good.replace("\"op\":\"c\"", "\"op\":\"x\"").into_bytes(), "unknown_op"),
             (good.replace("\"price_second\":12", "\"price_second\":true").into_bytes(), "wrong_type"),
             (good.replace("\"price_second\":12,", "").into_bytes(), "missing_field"),
-            (good.replace("\"organization_uuid\":\"7c9e6679-7425-40de-944b-e07fc1f90ae7\"", "\"organization_uuid\":42").into_bytes(), "shape"),
+            (
+                good.replace("\"organization_uuid\":\"7c9e6679-7425-40de-944b-e07fc1f90ae7\"", "\"organization_uuid\":42").into_bytes(),
+                "shape",
+            ),
             (good.replace("2024-05-01T12:34:56Z", "yesterday").into_bytes(), "bad_timestamp"),
             (good.replace("\"source\":", "\"src\":").into_bytes(), "missing_field"),
             (b"[1,2,3]".to_vec(), "shape"),

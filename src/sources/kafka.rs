@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::statistics::Statistics;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, Stream};
@@ -68,7 +68,12 @@ const POLL_BUDGET: Duration = Duration::from_millis(5);
 const IDLE_WAIT: Duration = Duration::from_millis(2);
 
 /// Reads `cfg.topic` into a stream of decoded records.
-pub fn kafka_source<'s, D: Decoder>(scope: Scope<'s, u64>, cfg: KafkaConfig, mut decoder: D, ctx: SourceContext) -> Stream<'s, u64, Vec<D::Out>> {
+pub fn kafka_source<'s, D: Decoder>(
+    scope: Scope<'s, u64>,
+    cfg: KafkaConfig,
+    mut decoder: D,
+    ctx: SourceContext,
+) -> Stream<'s, u64, Vec<D::Out>> {
     let (index, peers) = (scope.index(), scope.peers());
     source::<_, timely::container::CapacityContainerBuilder<Vec<D::Out>>, _, _>(scope, "KafkaSource", move |cap, info| {
         let activator = scope.activator_for(info.address);
@@ -193,7 +198,7 @@ impl Reader {
             .find(|t| t.name() == cfg.topic)
             .ok_or_else(|| RuntimeError::Config(format!("topic {} not in metadata", cfg.topic)))?;
         if let Some(err) = topic.error() {
-            return Err(RuntimeError::Config(format!("topic {}: {:?}", cfg.topic, rdkafka::types::RDKafkaRespErr::from(err))));
+            return Err(RuntimeError::Config(format!("topic {}: {:?}", cfg.topic, err)));
         }
         if topic.partitions().is_empty() {
             return Err(RuntimeError::Config(format!("topic {} has no partitions yet", cfg.topic)));

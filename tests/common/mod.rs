@@ -39,10 +39,12 @@ impl Broker {
     }
 
     pub fn create_topic(&self, topic: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &self.addr).create().expect("admin client");
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.addr).create().expect("admin client");
         let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        let res = futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))))
-            .expect("create_topics");
+        let res =
+            futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))))
+                .expect("create_topics");
         for r in res {
             r.unwrap_or_else(|(t, e)| panic!("creating {t}: {e:?}"));
         }
@@ -97,7 +99,10 @@ pub fn produce(broker: &Broker, topic: &str, records: &[Rec]) {
             match producer.send(rec) {
                 Ok(()) => break,
                 Err((e, back)) => {
-                    assert!(matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)), "produce: {e}");
+                    assert!(
+                        matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                        "produce: {e}"
+                    );
                     producer.poll(Duration::from_millis(10));
                     rec = back;
                 }
@@ -146,7 +151,8 @@ impl Tally {
         reader.read_line(&mut line).expect("tally announces its address");
         // Keep draining stdout (timely reports cluster connection retries there).
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        let http = line.split("http://").nth(1).and_then(|s| s.split('/').next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_owned();
+        let http =
+            line.split("http://").nth(1).and_then(|s| s.split('/').next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_owned();
         Tally { child, http }
     }
 
@@ -184,9 +190,7 @@ impl Tally {
 
     pub fn metric(&self, name_and_labels: &str) -> f64 {
         let (_, _, body) = self.get("/metrics");
-        body.lines()
-            .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok()))
-            .unwrap_or(0.0)
+        body.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
     }
 
     pub fn kill(mut self) {
