@@ -8,4 +8,5 @@ pub mod http;
 pub mod metrics;
 pub mod runtime;
 pub mod sim;
+pub mod sinks;
 pub mod sources;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tally::http::{Routes, ViewHandle};
 use tally::metrics::Metrics;
-use tally::runtime::{self, Cluster, UsageConfig};
+use tally::runtime::{self, Cluster, FoodConfig, UsageConfig};
 use tally::sources::kafka::KafkaConfig;
 
 /// Live, exact views over Kafka streams.
@@ -24,9 +24,79 @@ struct Cli {
 enum Command {
     /// Usage billing from Debezium CDC of `cloud.instances`: per organization started/running/billing.
     Usage(UsageArgs),
+    /// Food counts: `{"food": ...}` events on topic `message` counted into the SQLite table `aggregated`,
+    /// exactly once, served at GET/POST /aggregated.
+    Food(FoodArgs),
+    /// Produces the food datafeed's traffic: `{"food": <random name from foods.txt>}` to topic `message`.
+    Feed(FeedArgs),
     /// Everything in one process, no external service: an in-process Kafka broker, the spec's simulator
     /// writing Debezium events into it, and the usage pipeline reading them on :12000.
     Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    /// Kafka consumer group.id (tally assigns partitions itself; it does not depend on group rebalances).
+    #[arg(long, env = "TALLY_GROUP_ID", default_value = "exoscale")]
+    group_id: String,
+    /// Kafka client.id.
+    #[arg(long, env = "TALLY_CLIENT_ID", default_value = "localhost")]
+    client_id: String,
+    /// Extra librdkafka consumer properties, key=value (repeatable), e.g. security.protocol=ssl.
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    kafka_properties: Vec<(String, String)>,
+}
+
+impl KafkaArgs {
+    fn config(&self, topic: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.brokers.clone(),
+            topic: topic.to_owned(),
+            group_id: self.group_id.clone(),
+            client_id: self.client_id.clone(),
+            properties: self.kafka_properties.clone(),
+            start_offsets: Default::default(),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct FoodArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Topic of food events.
+    #[arg(long, env = "TALLY_FOOD_TOPIC", default_value = "message")]
+    topic: String,
+    /// The SQLite file holding table `aggregated` (created with the original DDL if missing).
+    #[arg(long, env = "TALLY_SQLITE", default_value = "data/data.db")]
+    sqlite: PathBuf,
+    /// HTTP address for GET/POST /aggregated, /metrics, /health and /ui.
+    #[arg(long, env = "TALLY_FOOD_LISTEN", default_value = "0.0.0.0:5000")]
+    listen: String,
+    /// File where undecodable messages are appended (JSON lines with topic/partition/offset and raw bytes).
+    #[arg(long, env = "TALLY_DEAD_LETTER", default_value = "tally-food-dead-letter.jsonl")]
+    dead_letter: PathBuf,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Args, Clone)]
+struct FeedArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
+    brokers: String,
+    /// Topic to write to.
+    #[arg(long, default_value = "message")]
+    topic: String,
+    /// Messages per second (the original datafeed sends one every 1-2 s).
+    #[arg(long, default_value_t = 0.67)]
+    rate: f64,
+    /// Stop after this many messages (default: run forever).
+    #[arg(long)]
+    count: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -62,18 +132,11 @@ impl ClusterArgs {
 
 #[derive(Args, Clone)]
 struct UsageArgs {
-    /// Kafka bootstrap servers, host:port[,host:port].
-    #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
-    brokers: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Topic carrying Debezium change events of cloud.instances.
     #[arg(long, env = "TALLY_TOPIC", default_value = "topic.cloud.instances")]
     topic: String,
-    /// Kafka consumer group.id (tally assigns partitions itself and always rebuilds from the earliest offset).
-    #[arg(long, env = "TALLY_GROUP_ID", default_value = "exoscale")]
-    group_id: String,
-    /// Kafka client.id.
-    #[arg(long, env = "TALLY_CLIENT_ID", default_value = "localhost")]
-    client_id: String,
     /// HTTP address for the view (GET /), /metrics, /health and /ui.
     #[arg(long, env = "TALLY_LISTEN", default_value = "0.0.0.0:12000")]
     listen: String,
@@ -83,9 +146,6 @@ struct UsageArgs {
     /// Scale of DECIMAL prices when the connector runs with schemas off (the scale travels in the schema).
     #[arg(long, env = "TALLY_DECIMAL_SCALE")]
     decimal_scale: Option<u32>,
-    /// Extra librdkafka consumer properties, key=value (repeatable), e.g. security.protocol=ssl.
-    #[arg(long = "kafka-property", value_parser = parse_property)]
-    kafka_properties: Vec<(String, String)>,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -114,6 +174,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Usage(args) => usage(args),
+        Command::Food(args) => food(args),
+        Command::Feed(args) => feed(args),
         Command::Demo(args) => demo(args),
     }
 }
@@ -130,18 +192,8 @@ fn usage(args: UsageArgs) -> anyhow::Result<()> {
             Routes { views: vec![("/".into(), view.clone())], metrics: metrics.clone(), ui_title: "usage per organization".into() };
         runtime::spawn_http(server, routes, shutdown.clone());
     }
-    let cfg = UsageConfig {
-        kafka: KafkaConfig {
-            brokers: args.brokers,
-            topic: args.topic,
-            group_id: args.group_id,
-            client_id: args.client_id,
-            properties: args.kafka_properties,
-        },
-        dead_letter: args.dead_letter,
-        decimal_scale: args.decimal_scale,
-        cluster,
-    };
+    let cfg =
+        UsageConfig { kafka: args.kafka.config(&args.topic), dead_letter: args.dead_letter, decimal_scale: args.decimal_scale, cluster };
     runtime::run_usage(cfg, metrics, view, shutdown).context("usage pipeline failed")
 }
 
@@ -154,14 +206,37 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     tally::sim::spawn_producer(brokers.clone(), topic.to_owned(), Duration::from_millis(args.interval_ms), None);
     eprintln!("tally demo: in-process broker at {brokers}; simulator deploys/destroys an instance every {} ms", args.interval_ms);
     usage(UsageArgs {
-        brokers,
+        kafka: KafkaArgs { brokers, group_id: "exoscale".into(), client_id: "localhost".into(), kafka_properties: Vec::new() },
         topic: topic.into(),
-        group_id: "exoscale".into(),
-        client_id: "localhost".into(),
         listen: args.listen,
         dead_letter: std::env::temp_dir().join("tally-demo-dead-letter.jsonl"),
         decimal_scale: None,
-        kafka_properties: Vec::new(),
         cluster: ClusterArgs { workers: args.workers, processes: 1, process: 0, hostfile: None, tick_ms: 20 },
     })
+}
+
+fn food(args: FoodArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let view = ViewHandle::new("[]");
+    let cluster = args.cluster.cluster();
+    if let Some(dir) = args.sqlite.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if cluster.serves_http() {
+        let (server, addr) = runtime::bind(&args.listen)?;
+        println!("tally: food counts on http://{addr}/aggregated (metrics /metrics, page /ui)");
+        let routes = Routes { views: vec![("/aggregated".into(), view.clone())], metrics: metrics.clone(), ui_title: "food counts".into() };
+        runtime::spawn_http(server, routes, shutdown.clone());
+    }
+    let cfg = FoodConfig { kafka: args.kafka.config(&args.topic), sqlite: args.sqlite, dead_letter: args.dead_letter, cluster };
+    runtime::run_food(cfg, metrics, view, shutdown).context("food counts pipeline failed")
+}
+
+fn feed(args: FeedArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    let interval = Duration::from_secs_f64(1.0 / args.rate);
+    eprintln!("tally feed: {:.2} messages/s to {} on {}", args.rate, args.topic, args.brokers);
+    tally::sim::food_feed(&args.brokers, &args.topic, interval, args.count)?;
+    Ok(())
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use dataflows::usage::{Note, Usage};
 use differential_dataflow::difference::{IsZero, Semigroup};
-use differential_dataflow::VecCollection;
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Exchange;
@@ -22,8 +23,10 @@ use tracing::info;
 use crate::error::RuntimeError;
 use crate::http::{Routes, ViewHandle};
 use crate::metrics::Metrics;
+use crate::sinks::sqlite::SqliteSink;
 use crate::sources::dead_letter::DeadLetter;
 use crate::sources::debezium::DebeziumDecoder;
+use crate::sources::food::{FoodDecoder, FoodItem};
 use crate::sources::kafka::{kafka_source, KafkaConfig, SourceContext};
 
 /// How the timely computation is laid out.
@@ -221,4 +224,136 @@ pub fn spawn_http(server: tiny_http::Server, routes: Routes, shutdown: Arc<Atomi
         .name("tally-http".into())
         .spawn(move || crate::http::serve(server, routes, shutdown))
         .expect("spawning a thread at startup")
+}
+
+/// The food counts pipeline's settings.
+#[derive(Clone, Debug)]
+pub struct FoodConfig {
+    pub kafka: KafkaConfig,
+    pub sqlite: PathBuf,
+    pub dead_letter: PathBuf,
+    pub cluster: Cluster,
+}
+
+/// Runs the food counts pipeline until `shutdown` is set: counts per food into SQLite, one transaction per
+/// closed timestamp carrying the counts' changes and the offsets read, resuming from those offsets.
+pub fn run_food(mut cfg: FoodConfig, metrics: Arc<Metrics>, view: ViewHandle, shutdown: Arc<AtomicBool>) -> Result<(), RuntimeError> {
+    let sink = SqliteSink::open(&cfg.sqlite).map_err(|e| RuntimeError::Config(e.to_string()))?;
+    let offsets = sink.offsets(&cfg.kafka.topic).map_err(|e| RuntimeError::Config(e.to_string()))?;
+    view.publish(0, Some(sink.render().map_err(|e| RuntimeError::Config(e.to_string()))?));
+    drop(sink);
+    info!(sqlite = %cfg.sqlite.display(), resume_from = ?offsets, "food counts: resuming from stored offsets");
+    cfg.kafka.start_offsets = offsets.into_iter().collect();
+    let dead_letter = Arc::new(DeadLetter::open(&cfg.dead_letter)?);
+    let timely_config = cfg.cluster.timely_config()?;
+    let tick_ms = cfg.cluster.tick_ms.max(1);
+    let guards = timely::execute(timely_config, move |worker| {
+        let ctx = SourceContext { metrics: metrics.clone(), dead_letter: dead_letter.clone(), shutdown: shutdown.clone(), tick_ms };
+        let (kafka, sqlite, view, metrics) = (cfg.kafka.clone(), cfg.sqlite.clone(), view.clone(), metrics.clone());
+        worker.dataflow::<u64, _, _>(|scope| {
+            let items = kafka_source(scope, kafka.clone(), FoodDecoder, ctx)
+                .unary::<CapacityContainerBuilder<Vec<(FoodItem, u64, isize)>>, _, _, _>(Pipeline, "Timestamp", |_cap, _info| {
+                    move |input, output| {
+                        input.for_each(|cap, data| {
+                            if let Some(cap) = cap.retain_least(0) {
+                                let t = *cap.time();
+                                output.session(&cap).give_iterator(data.drain(..).map(|d| (d, t, 1)));
+                            }
+                        })
+                    }
+                });
+            let items = items.as_collection();
+            let foods = items.clone().flat_map(|i| match i {
+                FoodItem::Food(f) => Some(f),
+                FoodItem::Progress { .. } => None,
+            });
+            let progress = items.flat_map(|i| match i {
+                FoodItem::Progress { partition, next_offset } => Some(SinkItem::Offset(partition, next_offset)),
+                FoodItem::Food(_) => None,
+            });
+            let changes = dataflows::food_counts::food_counts(foods).map(|(food, count)| SinkItem::Count(food, count as i64));
+            sqlite_sink(changes.concat(progress), kafka.topic, sqlite, view, metrics);
+        });
+        while worker.step_or_park(Some(Duration::from_millis(tick_ms))) {}
+    })
+    .map_err(RuntimeError::Timely)?;
+    for result in guards.join() {
+        result.map_err(RuntimeError::Timely)?;
+    }
+    Ok(())
+}
+
+/// What the SQLite sink receives: a count's change, or a partition's read offset.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+enum SinkItem {
+    Count(String, i64),
+    Offset(i32, i64),
+}
+
+/// Writes on worker 0: at each closed timestamp one transaction with every count change and offset up to it.
+/// A failed commit keeps its changes and is retried at the next timestamp, so nothing is skipped.
+fn sqlite_sink<'s>(items: VecCollection<'s, u64, SinkItem>, topic: String, path: PathBuf, view: ViewHandle, metrics: Arc<Metrics>) {
+    let is_writer = items.scope().index() == 0;
+    let mut sink: Option<SqliteSink> = None;
+    let mut pending: Vec<(SinkItem, u64, isize)> = Vec::new();
+    let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
+    let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut last_as_of = 0;
+    items.inner.exchange(|_| 0u64).sink(Pipeline, "SqliteSink", move |(input, frontier)| {
+        input.for_each(|_cap, data| pending.append(data));
+        if !is_writer {
+            return;
+        }
+        let bound = frontier.frontier().first().copied();
+        let closed = |t: &u64| bound.is_none_or(|b| *t < b);
+        pending.retain(|(item, t, diff)| {
+            if !closed(t) {
+                return true;
+            }
+            match item {
+                SinkItem::Count(food, count) => *deltas.entry(food.clone()).or_default() += count * (*diff as i64),
+                SinkItem::Offset(p, o) => {
+                    let e = offsets.entry(*p).or_insert(*o);
+                    *e = (*e).max(*o);
+                }
+            }
+            false
+        });
+        let as_of = bound.map_or(last_as_of, |b| b.saturating_sub(1));
+        deltas.retain(|_, d| *d != 0);
+        if deltas.is_empty() && offsets.is_empty() {
+            if as_of != last_as_of {
+                view.publish(as_of, None);
+                last_as_of = as_of;
+            }
+            return;
+        }
+        if sink.is_none() {
+            match SqliteSink::open(&path) {
+                Ok(s) => sink = Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "SQLite sink cannot open its file; will retry");
+                    return;
+                }
+            }
+        }
+        let s = sink.as_mut().expect("opened above");
+        match s.commit(&topic, &deltas, &offsets) {
+            Ok(rows) => {
+                metrics.sink_batches.with_label_values(&["sqlite"]).inc();
+                metrics.sink_rows.with_label_values(&["sqlite"]).inc_by(rows as u64);
+                deltas.clear();
+                offsets.clear();
+                match s.render() {
+                    Ok(body) => {
+                        view.publish(as_of, Some(body));
+                        metrics.view_as_of.with_label_values(&["aggregated"]).set(as_of as i64);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading back the aggregated table failed"),
+                }
+                last_as_of = as_of;
+            }
+            Err(e) => tracing::error!(error = %e, "SQLite commit failed; changes kept and retried"),
+        }
+    });
 }

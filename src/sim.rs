@@ -182,6 +182,34 @@ pub fn spawn_producer(brokers: String, topic: String, interval: std::time::Durat
         .expect("spawning a thread at startup")
 }
 
+/// The 107 food names of the original datafeed ("foie gras" is sent as `foie-gras`).
+pub const FOODS: &str = include_str!("../data/foods.txt");
+
+/// The food names as the datafeed sends them.
+pub fn foods() -> Vec<String> {
+    FOODS.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| l.replace(' ', "-")).collect()
+}
+
+/// Produces `{"food": "<name>"}` (unkeyed) to `topic` every `interval`, `count` times or forever.
+pub fn food_feed(brokers: &str, topic: &str, interval: std::time::Duration, count: Option<u64>) -> Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let names = foods();
+    let mut rng = StdRng::from_os_rng();
+    let mut sent = 0u64;
+    while count.is_none_or(|c| sent < c) {
+        let food = &names[rng.random_range(0..names.len())];
+        let value = format!("{{\"food\": {}}}", serde_json::to_string(food).expect("strings serialize"));
+        if let Err((e, _)) = producer.send(BaseRecord::<(), String>::to(topic).payload(&value)) {
+            tracing::warn!(error = %e, "feed could not enqueue a message");
+        } else {
+            sent += 1;
+        }
+        std::thread::sleep(interval);
+    }
+    producer.flush(std::time::Duration::from_secs(10))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

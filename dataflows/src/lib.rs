@@ -1,2 +1,3 @@
+pub mod food_counts;
 pub mod money;
 pub mod usage;

@@ -87,6 +87,7 @@ impl DebeziumDecoder {
                 None => Ok(Decoded::Ignored("null_key_and_value")),
             };
         };
+        super::reject_array(value)?;
         let top: Payload<'_> = serde_json::from_slice(value).map_err(DecodeError::from_json)?;
         let (payload, types) = match (top.payload, top.schema) {
             (Some(payload), schema) => {

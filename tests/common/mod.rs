@@ -49,16 +49,6 @@ impl Broker {
             r.unwrap_or_else(|(t, e)| panic!("creating {t}: {e:?}"));
         }
     }
-
-    pub fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .set("linger.ms", "5")
-            .set("acks", "all")
-            .set("enable.idempotence", "false")
-            .create()
-            .expect("producer")
-    }
 }
 
 impl Drop for Broker {
@@ -78,7 +68,18 @@ pub struct Rec {
 
 /// Produces records in order and waits until all are acknowledged.
 pub fn produce(broker: &Broker, topic: &str, records: &[Rec]) {
-    let producer = broker.producer();
+    produce_to(&broker.addr, topic, records)
+}
+
+/// [`produce`] by bootstrap address, for use from another thread.
+pub fn produce_to(addr: &str, topic: &str, records: &[Rec]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("linger.ms", "5")
+        .set("acks", "all")
+        .set("enable.idempotence", "false")
+        .create()
+        .expect("producer");
     for r in records {
         let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).partition(r.partition);
         if let Some(k) = &r.key {

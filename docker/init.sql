@@ -1,0 +1,13 @@
+-- The spec's table, created on MariaDB's first start.
+CREATE DATABASE IF NOT EXISTS cloud;
+USE cloud;
+CREATE TABLE IF NOT EXISTS instances (
+  id INT AUTO_INCREMENT PRIMARY KEY,
+  organization_uuid VARCHAR(255),
+  instance_uuid VARCHAR(255),
+  price_second INT,
+  started TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+);
+CREATE USER IF NOT EXISTS 'debezium'@'%' IDENTIFIED BY 'dbz';
+GRANT SELECT, RELOAD, SHOW DATABASES, REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO 'debezium'@'%';
+FLUSH PRIVILEGES;

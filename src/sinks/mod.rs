@@ -1,0 +1,2 @@
+//! Sinks: where views are written outside tally.
+pub mod sqlite;
