@@ -8,5 +8,6 @@ pub mod http;
 pub mod metrics;
 pub mod runtime;
 pub mod sim;
+pub mod simulate;
 pub mod sinks;
 pub mod sources;

@@ -27,6 +27,9 @@ enum Command {
     /// Food counts: `{"food": ...}` events on topic `message` counted into the SQLite table `aggregated`,
     /// exactly once, served at GET/POST /aggregated.
     Food(FoodArgs),
+    /// The spec's simulator against a real MariaDB: creates cloud.instances if missing, then deploys
+    /// (probability 2/3) or destroys the oldest instance every interval.
+    Simulate(SimulateArgs),
     /// Produces the food datafeed's traffic: `{"food": <random name from foods.txt>}` to topic `message`.
     Feed(FeedArgs),
     /// Everything in one process, no external service: an in-process Kafka broker, the spec's simulator
@@ -81,6 +84,28 @@ struct FoodArgs {
     dead_letter: PathBuf,
     #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+#[derive(Args, Clone)]
+struct SimulateArgs {
+    /// MariaDB URL, mysql://user:password@host:port.
+    #[arg(long, env = "TALLY_MARIADB_URL", default_value = "mysql://root@127.0.0.1:3306")]
+    mariadb_url: String,
+    /// Milliseconds between steps (the spec's simulator uses 500).
+    #[arg(long, default_value_t = 500)]
+    interval_ms: u64,
+    /// Stop after this many steps (default: run until stopped).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Probability that a step changes a running instance's price instead (0 = the spec's behaviour).
+    #[arg(long, default_value_t = 0.0)]
+    price_change: f64,
+    /// Append what each step did, with its database time, to this JSON-lines file.
+    #[arg(long)]
+    audit: Option<PathBuf>,
+    /// Seed for reproducible choices.
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -176,6 +201,19 @@ fn main() -> anyhow::Result<()> {
         Command::Usage(args) => usage(args),
         Command::Food(args) => food(args),
         Command::Feed(args) => feed(args),
+        Command::Simulate(args) => {
+            let cfg = tally::simulate::SimulateConfig {
+                url: args.mariadb_url,
+                interval: Duration::from_millis(args.interval_ms),
+                steps: args.steps,
+                price_change: args.price_change,
+                audit: args.audit,
+                seed: args.seed,
+            };
+            let steps = tally::simulate::simulate(&cfg).context("simulator failed")?;
+            eprintln!("tally simulate: {steps} steps done");
+            Ok(())
+        }
         Command::Demo(args) => demo(args),
     }
 }

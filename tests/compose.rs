@@ -1,5 +1,6 @@
 //! docker-compose.yml cannot run here (no Docker engine); this checks what can be checked without one:
 //! every image tag is pinned, every mounted file exists, and the usage service is wired to Kafka.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::Path;
 
@@ -8,7 +9,7 @@ fn compose_file_is_pinned_and_its_files_exist() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(root.join("docker-compose.yml")).expect("docker-compose.yml");
     let images: Vec<&str> = text.lines().filter_map(|l| l.trim().strip_prefix("image:")).map(str::trim).collect();
-    assert!(images.len() >= 5, "{images:?}");
+    assert!(images.len() >= 4, "{images:?}");
     for image in &images {
         let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
         assert!(tag.chars().any(|c| c.is_ascii_digit()) && tag != "latest", "unpinned image {image}");

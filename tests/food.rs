@@ -1,4 +1,5 @@
 //! Food counts end to end: the real binary, the real broker, a real SQLite file.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The usage pipeline end to end: the real `tally` binary against a real Kafka-protocol broker started by
 //! `scripts/broker`, fed genuine Debezium captures and simulator histories; asserts exact JSON.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 
@@ -218,18 +219,17 @@ fn a_cluster_of_two_processes_matches_one_process() {
     std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
     let dl = dir.join("dl.jsonl");
     let (dl, hf) = (dl.to_str().unwrap(), hostfile.to_str().unwrap());
-    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(usage_args(&broker, "1", dl))
         .args(["--processes", "2", "--process", "1", "--hostfile", hf, "--listen", "127.0.0.1:0"])
         .env("TALLY_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn process 1");
+    // Killed on drop, also when an assertion below fails.
+    let _second = common::KillOnDrop(second);
     let mut args = usage_args(&broker, "1", dl);
     args.extend(["--processes", "2", "--process", "0", "--hostfile", hf]);
     let first = Tally::spawn(&args);
     first.wait_for_json("/", &expected, WAIT);
-    first.kill();
-    let _ = second.kill();
-    let _ = second.wait();
 }

@@ -24,18 +24,45 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// Runs `scripts/<script> start` and returns the address it prints last.
+fn start_service(script: &str) -> String {
+    let out =
+        Command::new(root().join("scripts").join(script)).arg("start").stderr(Stdio::inherit()).output().expect("run the service script");
+    assert!(out.status.success(), "scripts/{script} start failed");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    stdout.lines().last().unwrap_or_else(|| panic!("scripts/{script} prints its address last")).trim().to_owned()
+}
+
 /// A fresh, empty broker for one test; stopped on drop.
 pub struct Broker {
     pub addr: String,
 }
 
+/// A fresh MariaDB with a ROW binlog (scripts/mariadb); stopped on drop.
+pub struct MariaDb {
+    pub addr: String,
+}
+
+impl MariaDb {
+    pub fn start() -> MariaDb {
+        MariaDb { addr: start_service("mariadb") }
+    }
+
+    /// The URL `tally simulate` takes.
+    pub fn url(&self) -> String {
+        format!("mysql://tally:tally@{}", self.addr)
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("scripts/mariadb")).args(["stop", &self.addr]).status();
+    }
+}
+
 impl Broker {
     pub fn start() -> Broker {
-        let out = Command::new(root().join("scripts/broker")).arg("start").stderr(Stdio::inherit()).output().expect("run scripts/broker");
-        assert!(out.status.success(), "scripts/broker start failed");
-        let stdout = String::from_utf8(out.stdout).expect("utf-8");
-        let addr = stdout.lines().last().expect("broker prints its address last").trim().to_owned();
-        Broker { addr }
+        Broker { addr: start_service("broker") }
     }
 
     pub fn create_topic(&self, topic: &str, partitions: i32) {
@@ -127,6 +154,16 @@ pub fn capture_records(path: &Path, topic: &str, partition: impl Fn(&serde_json:
             headers: Vec::new(),
         })
         .collect()
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A running `tally` process; killed on drop.
