@@ -1,1 +1,646 @@
-fn main() {}
+//! Event-rate benchmark: how fast tally is, side by side with what users would pick instead, in one run,
+//! on the same broker and the same events. Every system's result is checked against the workload's own
+//! ledger, so nobody wins by computing less.
+//!
+//!   cargo bench --bench event_rate -- [--events N] [--running N] [--orgs N] [--updates F] [--workers 1,2]
+//!                                     [--schemas on,off] [--rates 0.1,0.25,0.5] [--skip-python] [--out DIR]
+//!
+//! Measures, per schema setting: producing into the broker; the broker's own consume rate (no parsing);
+//! the parse-and-count floor (rdkafka + tally's typed decoder + the upsert logic in a HashMap, no
+//! dataflow); tally end to end for each worker count (drain: process start until `GET /` equals the
+//! ledger; peak RSS; freshness p50/p99 at fixed offered rates); tally's engine alone (decoded changes fed
+//! straight into the dataflow) and decoding alone; and the spec's stack, a kafka-python consumer.
+//! Writes `results.md`, `results.csv` and (with matplotlib) `throughput.png`, `freshness.png` to `--out`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use dataflows::usage::{Change, Delta, UpsertState, Usage};
+use differential_dataflow::difference::Semigroup;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tally::sim::{debezium_records, Ledger, SimEvent, SimRow, Workload};
+use tally::sources::debezium::{DebeziumDecoder, Decoded, Meta};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Change events to generate (each delete adds a tombstone record).
+    #[arg(long, default_value_t = 300_000)]
+    events: usize,
+    /// Rows kept running (the state tally must hold).
+    #[arg(long, default_value_t = 20_000)]
+    running: usize,
+    /// Organizations.
+    #[arg(long, default_value_t = 100)]
+    orgs: usize,
+    /// Share of events that are price updates (the rest, past the fill, are destroy/deploy pairs).
+    #[arg(long, default_value_t = 0.2)]
+    updates: f64,
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Worker counts to measure tally with.
+    #[arg(long, default_value = "1,2")]
+    workers: String,
+    /// Schema settings to measure: on (3.7 KB records), off (0.6 KB).
+    #[arg(long, default_value = "on,off")]
+    schemas: String,
+    /// Offered rates for freshness, as fractions of tally's measured drain rate.
+    #[arg(long, default_value = "0.1,0.25,0.5")]
+    rates: String,
+    /// Freshness probes per offered rate.
+    #[arg(long, default_value_t = 100)]
+    probes: usize,
+    #[arg(long)]
+    skip_python: bool,
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Broker(String);
+impl Broker {
+    fn start() -> Broker {
+        let out = Command::new(root().join("scripts/broker")).arg("start").stderr(Stdio::inherit()).output().expect("scripts/broker");
+        assert!(out.status.success(), "scripts/broker start failed");
+        Broker(String::from_utf8_lossy(&out.stdout).lines().last().expect("address").trim().to_owned())
+    }
+}
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("scripts/broker")).args(["stop", &self.0]).status();
+    }
+}
+
+/// One measured row of the report.
+#[derive(Clone, Debug)]
+struct Row {
+    system: String,
+    schemas: String,
+    workers: usize,
+    events: usize,
+    seconds: f64,
+    rss_mb: Option<f64>,
+    agrees: Option<bool>,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds
+    }
+}
+
+struct Fresh {
+    schemas: String,
+    workers: usize,
+    offered: f64,
+    achieved: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+type Records = Vec<(i32, String, Option<String>)>;
+
+/// Binlog positions handed out in commit order, as a real binlog does: tally treats an event at or before
+/// a position it already applied (per partition) as a re-delivery.
+static POS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(4);
+fn next_pos() -> u64 {
+    POS.fetch_add(300, Ordering::Relaxed)
+}
+
+fn generate(a: &Args, schemas: bool) -> (Records, serde_json::Value, Workload) {
+    let mut w = Workload::new(42, a.orgs, a.running, a.updates, 50);
+    let mut ledger = Ledger::default();
+    let mut records = Vec::with_capacity(a.events * 5 / 4);
+    for _ in 0..a.events {
+        let (event, ts) = w.next_event();
+        ledger.apply(&event, ts);
+        let id = match &event {
+            SimEvent::Deploy(r) | SimEvent::Destroy(r) | SimEvent::Reprice { after: r, .. } => r.id,
+        };
+        for (k, v) in debezium_records(&event, ts, next_pos(), schemas) {
+            records.push(((id % 4) as i32, k, v));
+        }
+    }
+    (records, ledger.to_json(), w)
+}
+
+fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "2000000")
+        .create()
+        .expect("producer")
+}
+
+fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, partitions: i32, (part, k, v): &(i32, String, Option<String>)) {
+    let mut rec = BaseRecord::<String, String>::to(topic).key(k).partition(part % partitions);
+    if let Some(v) = v {
+        rec = rec.payload(v);
+    }
+    let mut rec = rec;
+    loop {
+        match p.send(rec) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                std::thread::sleep(Duration::from_millis(1));
+                rec = back;
+            }
+        }
+    }
+}
+
+fn load(brokers: &str, topic: &str, partitions: i32, records: &Records) -> f64 {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin");
+    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for r in futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new())).expect("create topic") {
+        r.expect("topic created");
+    }
+    let p = producer(brokers);
+    let start = Instant::now();
+    for r in records {
+        send(&p, topic, partitions, r);
+    }
+    p.flush(Duration::from_secs(600)).expect("flush");
+    start.elapsed().as_secs_f64()
+}
+
+fn consumer(brokers: &str, topic: &str, partitions: i32) -> BaseConsumer {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-floor")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("max.partition.fetch.bytes", "8388608")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+    }
+    c.assign(&tpl).expect("assign");
+    c
+}
+
+/// The broker's own consume rate: read every record, no parsing.
+fn broker_floor(brokers: &str, topic: &str, partitions: i32, n: usize) -> f64 {
+    let c = consumer(brokers, topic, partitions);
+    let mut seen = 0;
+    let mut start = None;
+    while seen < n {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            start.get_or_insert_with(Instant::now);
+            std::hint::black_box(m.payload());
+            seen += 1;
+        }
+    }
+    start.map_or(0.0, |s| s.elapsed().as_secs_f64())
+}
+
+fn render(usage: &HashMap<String, Usage>) -> serde_json::Value {
+    let sorted: BTreeMap<String, Usage> =
+        usage.iter().filter(|(_, u)| u.started != 0 || u.running != 0 || !u.billing.is_zero()).map(|(k, v)| (k.clone(), *v)).collect();
+    serde_json::from_str(&tally::runtime::render_usage(&sorted)).expect("json")
+}
+
+fn accumulate(usage: &mut HashMap<String, Usage>, deltas: &mut Vec<(Delta, isize)>) {
+    for (d, r) in deltas.drain(..) {
+        let (org, u) = match d {
+            Delta::Row(_, row) => (row.org, Usage { running: r as i64, ..Usage::default() }),
+            Delta::Started(org) => (org, Usage { started: r as i64, ..Usage::default() }),
+            Delta::Billed(org, amount) => (org, Usage { billing: amount.times(r as i64), ..Usage::default() }),
+            Delta::Note(_) => continue,
+        };
+        usage.entry(org).or_default().plus_equals(&u);
+    }
+}
+
+/// rdkafka + tally's typed decoder + the upsert logic over a HashMap: the practical limit, no dataflow.
+fn parse_and_count_floor(brokers: &str, topic: &str, partitions: i32, n: usize) -> (f64, serde_json::Value) {
+    let c = consumer(brokers, topic, partitions);
+    let mut decoder = DebeziumDecoder::new(None);
+    let mut state = UpsertState::default();
+    let mut usage: HashMap<String, Usage> = HashMap::new();
+    let mut deltas = Vec::new();
+    let (mut seen, mut start) = (0, None);
+    while seen < n {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            start.get_or_insert_with(Instant::now);
+            seen += 1;
+            let meta = Meta { partition: m.partition(), offset: m.offset(), ..Meta::default() };
+            if let Ok(Decoded::Change(change)) = decoder.decode(m.key(), m.payload(), meta) {
+                state.apply(change, &mut deltas);
+                accumulate(&mut usage, &mut deltas);
+            }
+        }
+    }
+    (start.map_or(0.0, |s| s.elapsed().as_secs_f64()), render(&usage))
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+struct TallyProc {
+    child: Child,
+    http: String,
+}
+impl Drop for TallyProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_tally(brokers: &str, topic: &str, workers: usize, dir: &Path) -> TallyProc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["usage", "--brokers", brokers, "--topic", topic, "-w", &workers.to_string(), "--listen", "127.0.0.1:0"])
+        .args(["--dead-letter", dir.join("dead-letter.jsonl").to_str().expect("utf-8 path")])
+        .env("TALLY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn tally");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("address line");
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let http = line.split("http://").nth(1).and_then(|s| s.split('/').next()).expect("address").to_owned();
+    TallyProc { child, http }
+}
+
+fn wait_equal(http: &str, expected: &serde_json::Value, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(body) = http_get(http, "/") {
+            if serde_json::from_str::<serde_json::Value>(&body).ok().as_ref() == Some(expected) {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+/// Freshness at an offered rate: background workload traffic at `rate` events/s, and one probe at a time
+/// (a deploy for a new organization); latency = from handing the probe to the producer until `GET /` shows it.
+fn freshness(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    http: &str,
+    workload: &mut Workload,
+    rate: f64,
+    probes: usize,
+    schemas: bool,
+) -> (f64, f64, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(Mutex::new(0usize));
+    // Pre-generate enough background traffic for the phase.
+    let expected_secs = probes as f64 * 0.03 + 2.0;
+    let mut background: Records = Vec::new();
+    for _ in 0..(rate * expected_secs) as usize {
+        let (event, ts) = workload.next_event();
+        let id = match &event {
+            SimEvent::Deploy(r) | SimEvent::Destroy(r) | SimEvent::Reprice { after: r, .. } => r.id,
+        };
+        for (k, v) in debezium_records(&event, ts, next_pos(), schemas) {
+            background.push(((id % 4) as i32, k, v));
+        }
+    }
+    let bg = std::thread::spawn({
+        let (stop, sent, brokers, topic) = (stop.clone(), sent.clone(), brokers.to_owned(), topic.to_owned());
+        move || {
+            let p = producer(&brokers);
+            let start = Instant::now();
+            for (i, r) in background.iter().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                // Paced in 1 ms slices: sleeping per record cannot reach tens of thousands per second.
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()).filter(|w| *w > Duration::from_millis(1)) {
+                    std::thread::sleep(wait);
+                }
+                send(&p, &topic, partitions, r);
+                *sent.lock().expect("lock") += 1;
+            }
+            p.flush(Duration::from_secs(30)).ok();
+            start.elapsed().as_secs_f64()
+        }
+    });
+    let p = producer(brokers);
+    let mut lat = Vec::new();
+    let phase = Instant::now();
+    for k in 0..probes {
+        let org = format!("probe-{:.0}-{k:04}", rate);
+        let row = SimRow {
+            id: 10_000_000_000 + (rate as u64) * 10_000 + k as u64,
+            org: org.clone(),
+            instance: "probe".into(),
+            price: 1,
+            started_s: workload.ts_s,
+        };
+        let rec = debezium_records(&SimEvent::Deploy(row.clone()), workload.ts_s, next_pos(), schemas).remove(0);
+        let t0 = Instant::now();
+        send(&p, topic, partitions, &((row.id % 4) as i32, rec.0, rec.1));
+        p.flush(Duration::from_secs(0)).ok();
+        loop {
+            if http_get(http, "/").is_some_and(|b| b.contains(&org)) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = phase.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = bg.join();
+    let achieved = *sent.lock().expect("lock") as f64 / elapsed;
+    lat.sort_by(f64::total_cmp);
+    let pct = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
+    (achieved, pct(0.5), pct(0.99))
+}
+
+/// Waits until tally has read every partition to its end: one marker deploy per partition, all visible.
+fn catch_up(brokers: &str, topic: &str, partitions: i32, http: &str, tag: &str, ts: i64, schemas: bool) -> bool {
+    let p = producer(brokers);
+    let orgs: Vec<String> = (0..partitions).map(|i| format!("{tag}-{i}")).collect();
+    for (i, org) in orgs.iter().enumerate() {
+        let row = SimRow { id: 20_000_000_000 + i as u64, org: org.clone(), instance: "sync".into(), price: 1, started_s: ts };
+        let (k, v) = debezium_records(&SimEvent::Deploy(row), ts, next_pos(), schemas).remove(0);
+        send(&p, topic, partitions, &(i as i32, k, v));
+    }
+    p.flush(Duration::from_secs(30)).ok();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while Instant::now() < deadline {
+        if http_get(http, "/").is_some_and(|b| orgs.iter().all(|o| b.contains(o.as_str()))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// tally's dataflow alone: decoded changes fed straight in (round-robin over workers by key), until done.
+fn engine_only(changes: Arc<Vec<Change>>, workers: usize, expected: &serde_json::Value) -> (f64, bool) {
+    use timely::dataflow::operators::Input;
+    let result: Arc<Mutex<BTreeMap<String, Usage>>> = Arc::default();
+    let start = Instant::now();
+    let out = result.clone();
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let (index, peers) = (worker.index(), worker.peers());
+        let out = out.clone();
+        let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Vec<Change>>();
+            let views = dataflows::usage::usage(stream);
+            let (probe, usage) = views.usage.probe();
+            usage.inspect(move |(org, _t, diff)| {
+                out.lock().expect("lock").entry(org.clone()).or_default().plus_equals(diff);
+            });
+            (input, probe)
+        });
+        // Each worker feeds the partitions it would own; batches of 10,000 at successive timestamps.
+        for (i, batch) in changes.chunks(10_000).enumerate() {
+            for c in batch.iter().filter(|c| c.partition as usize % peers == index) {
+                input.send(c.clone());
+            }
+            input.advance_to(i as u64 + 1);
+            worker.step();
+        }
+        let done = *input.time();
+        drop(input);
+        worker.step_while(|| probe.less_than(&done));
+    })
+    .expect("timely")
+    .join();
+    let secs = start.elapsed().as_secs_f64();
+    let got: HashMap<String, Usage> = result.lock().expect("lock").clone().into_iter().collect();
+    (secs, &render(&got) == expected)
+}
+
+fn main() {
+    let a = Args::parse();
+    std::fs::create_dir_all(&a.out).expect("out dir");
+    let workers: Vec<usize> = a.workers.split(',').map(|w| w.trim().parse().expect("--workers")).collect();
+    let rates: Vec<f64> = a.rates.split(',').map(|r| r.trim().parse().expect("--rates")).collect();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut fresh: Vec<Fresh> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    for mode in a.schemas.split(',').map(str::trim) {
+        let schemas = mode == "on";
+        let broker = Broker::start();
+        let topic = "topic.cloud.instances";
+        let (records, expected, mut workload) = generate(&a, schemas);
+        let n = records.len();
+        let bytes: usize = records.iter().map(|(_, k, v)| k.len() + v.as_ref().map_or(0, String::len)).sum();
+        eprintln!("bench: schemas {mode}: {} events -> {n} records, {:.0} MB", a.events, bytes as f64 / 1e6);
+        let produce_s = load(&broker.0, topic, a.partitions, &records);
+        notes.push(format!(
+            "schemas {mode}: {n} records ({:.2} KB average) produced in {produce_s:.1} s ({:.0} records/s)",
+            bytes as f64 / n as f64 / 1e3,
+            n as f64 / produce_s
+        ));
+        let row = |system: &str, workers: usize, seconds: f64, rss_mb: Option<f64>, agrees: Option<bool>| Row {
+            system: system.into(),
+            schemas: mode.into(),
+            workers,
+            events: n,
+            seconds,
+            rss_mb,
+            agrees,
+        };
+        let s = broker_floor(&broker.0, topic, a.partitions, n);
+        eprintln!("bench: broker consume {:.0}/s", n as f64 / s);
+        rows.push(row("broker consume (no parsing)", 1, s, None, None));
+        let (s, got) = parse_and_count_floor(&broker.0, topic, a.partitions, n);
+        eprintln!("bench: parse-and-count floor {:.0}/s", n as f64 / s);
+        rows.push(row("parse-and-count floor (rdkafka+serde+HashMap)", 1, s, None, Some(got == expected)));
+        let dir = std::env::temp_dir().join(format!("tally-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let mut max_rate = HashMap::new();
+        for &w in &workers {
+            let start = Instant::now();
+            let t = spawn_tally(&broker.0, topic, w, &dir);
+            let ok = wait_equal(&t.http, &expected, Duration::from_secs(900));
+            let s = start.elapsed().as_secs_f64();
+            let rss = peak_rss_mb(t.child.id());
+            eprintln!("bench: tally -w {w}: {:.0}/s, peak RSS {:.0} MB, agrees {ok}", n as f64 / s, rss.unwrap_or(0.0));
+            rows.push(row(&format!("tally -w {w} (end to end)"), w, s, rss, Some(ok)));
+            max_rate.insert(w, n as f64 / s);
+        }
+        // Engine only, and decoding only: decode every record once (timed), then feed the dataflow.
+        let mut decoder = DebeziumDecoder::new(None);
+        let start = Instant::now();
+        let mut changes = Vec::with_capacity(n);
+        for (i, (p, k, v)) in records.iter().enumerate() {
+            let meta = Meta { partition: *p, offset: i as i64, ..Meta::default() };
+            if let Ok(Decoded::Change(c)) = decoder.decode(Some(k.as_bytes()), v.as_ref().map(|v| v.as_bytes()), meta) {
+                changes.push(c);
+            }
+        }
+        rows.push(row("decode only (1 core)", 1, start.elapsed().as_secs_f64(), None, None));
+        let changes = Arc::new(changes);
+        for &w in &workers {
+            let (s, ok) = engine_only(changes.clone(), w, &expected);
+            eprintln!("bench: engine only -w {w}: {:.0}/s, agrees {ok}", n as f64 / s);
+            rows.push(row(&format!("tally engine only -w {w} (decoded, no Kafka)"), w, s, None, Some(ok)));
+        }
+        if !a.skip_python {
+            match kafka_python(&broker.0, topic, n) {
+                Ok((s, got)) => {
+                    eprintln!("bench: kafka-python {:.0}/s", n as f64 / s);
+                    rows.push(row("kafka-python consumer (the spec's stack)", 1, s, None, Some(got == expected)));
+                }
+                Err(e) => notes.push(format!("kafka-python not measured: {e}")),
+            }
+        }
+        // Freshness last: its traffic extends the topic the drain measurements above read.
+        for &w in &workers {
+            let t = spawn_tally(&broker.0, topic, w, &dir);
+            if !catch_up(&broker.0, topic, a.partitions, &t.http, &format!("sync-{w}"), workload.ts_s, schemas) {
+                notes.push(format!("freshness -w {w}: tally never caught up"));
+                continue;
+            }
+            for &f in &rates {
+                let rate = max_rate[&w] * f;
+                let (achieved, p50, p99) = freshness(&broker.0, topic, a.partitions, &t.http, &mut workload, rate, a.probes, schemas);
+                eprintln!("bench: freshness -w {w} at {rate:.0}/s offered ({achieved:.0}/s achieved): p50 {p50:.1} ms, p99 {p99:.1} ms");
+                fresh.push(Fresh { schemas: mode.into(), workers: w, offered: rate, achieved, p50_ms: p50, p99_ms: p99 });
+            }
+        }
+    }
+    report(&a, &rows, &fresh, &notes);
+}
+
+fn kafka_python(brokers: &str, topic: &str, n: usize) -> Result<(f64, serde_json::Value), String> {
+    let py = dirs_python();
+    let out = Command::new(&py)
+        .arg(root().join("benches/kafka_python_usage.py"))
+        .args([brokers, topic, &n.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{py}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("exit {}", out.status));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), v["result"].clone()))
+}
+
+/// The benchmark venv's python (scripts/bench-deps installs it), else python3.
+fn dirs_python() -> String {
+    let venv = std::env::var("HOME").map(|h| format!("{h}/.cache/tally/venv-bench/bin/python")).unwrap_or_default();
+    if Path::new(&venv).exists() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
+fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
+    let mut csv = String::from("kind,system,schemas,workers,records,seconds,records_per_s,ratio_to_tally,peak_rss_mb,agrees,offered_per_s,achieved_per_s,p50_ms,p99_ms\n");
+    let mut md = format!(
+        "# tally event-rate benchmark\n\nOne run, one machine ({} cores), one broker (scripts/broker), the same events for every system.\n\
+         Workload: {} change events ({} running rows, {} organizations, {:.0}% price updates, deletes with tombstones), {} partitions.\n\
+         Ratio = records/s divided by tally's end-to-end records/s with the same schema setting and `-w 1`.\n\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        a.events,
+        a.running,
+        a.orgs,
+        a.updates * 100.0,
+        a.partitions
+    );
+    for mode in ["on", "off"] {
+        let group: Vec<&Row> = rows.iter().filter(|r| r.schemas == mode).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let tally = group.iter().find(|r| r.system.starts_with("tally -w 1")).map_or(f64::NAN, |r| r.rate());
+        md.push_str(&format!(
+            "## Schemas {mode}\n\n| system | records/s | ratio to tally -w 1 | peak RSS | agrees with ledger |\n|---|---:|---:|---:|---|\n"
+        ));
+        for r in group {
+            let ratio = r.rate() / tally;
+            md.push_str(&format!(
+                "| {} | {:.0} | {:.2} | {} | {} |\n",
+                r.system,
+                r.rate(),
+                ratio,
+                r.rss_mb.map_or("".into(), |m| format!("{m:.0} MB")),
+                r.agrees.map_or("n/a", |b| if b { "yes" } else { "**NO**" })
+            ));
+            csv.push_str(&format!(
+                "throughput,{},{},{},{},{:.3},{:.0},{:.3},{},{},,,,\n",
+                r.system,
+                r.schemas,
+                r.workers,
+                r.events,
+                r.seconds,
+                r.rate(),
+                ratio,
+                r.rss_mb.map_or(String::new(), |m| format!("{m:.0}")),
+                r.agrees.map_or(String::new(), |b| b.to_string())
+            ));
+        }
+        md.push('\n');
+        let f: Vec<&Fresh> = fresh.iter().filter(|f| f.schemas == mode).collect();
+        if !f.is_empty() {
+            md.push_str("Freshness (a probe event handed to the producer until `GET /` shows it; one probe at a time over background traffic):\n\n| workers | offered records/s | achieved | p50 | p99 |\n|---:|---:|---:|---:|---:|\n");
+            for x in f {
+                md.push_str(&format!(
+                    "| {} | {:.0} | {:.0} | {:.1} ms | {:.1} ms |\n",
+                    x.workers, x.offered, x.achieved, x.p50_ms, x.p99_ms
+                ));
+                csv.push_str(&format!(
+                    "freshness,tally,{},{},,,,,,,{:.0},{:.0},{:.2},{:.2}\n",
+                    x.schemas, x.workers, x.offered, x.achieved, x.p50_ms, x.p99_ms
+                ));
+            }
+            md.push('\n');
+        }
+    }
+    md.push_str("Notes:\n");
+    for n in notes {
+        md.push_str(&format!("- {n}\n"));
+    }
+    std::fs::write(a.out.join("results.md"), &md).expect("write results.md");
+    std::fs::write(a.out.join("results.csv"), &csv).expect("write results.csv");
+    let plot = Command::new(dirs_python()).arg(root().join("benches/plot.py")).arg(&a.out).status();
+    if !plot.is_ok_and(|s| s.success()) {
+        eprintln!("bench: no plot (needs matplotlib: scripts/bench-deps)");
+    }
+    println!("{md}");
+}

@@ -101,6 +101,7 @@ fn ledger(events: &[(SimEvent, i64)]) -> serde_json::Value {
                 e.1 -= 1;
                 e.2 += r.price * (ts - r.started_s);
             }
+            SimEvent::Reprice { .. } => unreachable!("the spec's simulator never changes prices"),
         }
     }
     serde_json::Value::Object(
@@ -119,7 +120,7 @@ fn simulated(steps: usize, partitions: i32, seed: u64) -> (Vec<Rec>, serde_json:
         ts += 1 + (i as i64 % 3);
         let event = sim.step(ts);
         let id = match &event {
-            SimEvent::Deploy(r) | SimEvent::Destroy(r) => r.id,
+            SimEvent::Deploy(r) | SimEvent::Destroy(r) | SimEvent::Reprice { after: r, .. } => r.id,
         };
         for (key, value) in debezium_records(&event, ts, 1000 + i as u64 * 10, i % 2 == 0) {
             records.push(Rec {

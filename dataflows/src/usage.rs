@@ -323,35 +323,57 @@ where
     let size_out = state_size.clone();
     let keyed = changes.clone().filter(|c| c.key.is_some()).exchange(|c: &Change| c.key.as_deref().map_or(0, key_hash));
     let truncates = changes.filter(|c| c.key.is_none()).broadcast();
-    let deltas = keyed
+    let out = keyed
         .concat(truncates)
-        .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<(Delta, T, isize)>>, _, _, _>(
+        .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<(Out, T, isize)>>, _, _, _>(
             Pipeline,
             "UsageUpsert",
             move |_cap, _info| {
                 let mut state = UpsertState::default();
                 let mut stash: BTreeMap<T, (timely::dataflow::operators::Capability<T>, Vec<Change>)> = BTreeMap::new();
                 let mut produced = Vec::new();
+                let mut per_org: HashMap<String, Usage> = HashMap::new();
                 move |(input, frontier), output| {
-                    input.for_each_stamp(|cap, data| {
+                    input.for_each(|cap, data| {
                         if let Some(cap) = cap.retain_least(0) {
                             let entry = stash.entry(cap.time().clone()).or_insert_with(|| (cap.clone(), Vec::new()));
-                            for batch in data {
-                                entry.1.append(batch);
-                            }
+                            entry.1.append(data);
                         }
                     });
                     while let Some(entry) = stash.first_entry() {
                         if frontier.less_equal(entry.key()) {
                             break;
                         }
+                        // Timely promises completeness per timestamp, not message order within one: with
+                        // several workers, a key's events of one timestamp can arrive reordered (seen in
+                        // tests/engine.rs). Offset order is restored here; (partition, offset) is unique.
                         let (cap, mut changes) = entry.remove();
-                        changes.sort_by_key(|c| (c.partition, c.offset));
+                        changes.sort_unstable_by_key(|c| (c.partition, c.offset));
+                        let time = cap.time().clone();
+                        let mut session = output.session(&cap);
                         for change in changes {
                             state.apply(change, &mut produced);
+                            for (delta, diff) in produced.drain(..) {
+                                let (org, usage) = match delta {
+                                    Delta::Row(key, row) => {
+                                        let org = row.org.clone();
+                                        session.give((Out::Row(key, row), time.clone(), diff));
+                                        (org, Usage { running: diff as i64, ..Usage::default() })
+                                    }
+                                    Delta::Started(org) => (org, Usage { started: diff as i64, ..Usage::default() }),
+                                    Delta::Billed(org, amount) => (org, Usage { billing: amount.times(diff as i64), ..Usage::default() }),
+                                    Delta::Note(note) => {
+                                        session.give((Out::Note(note), time.clone(), diff));
+                                        continue;
+                                    }
+                                };
+                                per_org.entry(org).or_default().plus_equals(&usage);
+                            }
                         }
-                        let time = cap.time().clone();
-                        output.session(&cap).give_iterator(produced.drain(..).map(|(d, r)| (d, time.clone(), r)));
+                        // One update per organization and timestamp: the batch's usage, already summed.
+                        for (org, usage) in per_org.drain().filter(|(_, u)| !u.is_zero()) {
+                            session.give((Out::Usage(org, usage), time.clone(), 1));
+                        }
                     }
                     size_out.set(state.len());
                 }
@@ -359,23 +381,30 @@ where
         )
         .as_collection();
 
-    let rows = deltas.clone().flat_map(|d| match d {
-        Delta::Row(k, r) => Some((k, r)),
+    let rows = out.clone().flat_map(|o| match o {
+        Out::Row(k, r) => Some((k, r)),
         _ => None,
     });
-    let notes = deltas.clone().flat_map(|d| match d {
-        Delta::Note(n) => Some(n),
+    let notes = out.clone().flat_map(|o| match o {
+        Out::Note(n) => Some(n),
         _ => None,
     });
-    let usage = deltas
-        .explode(|d| match d {
-            Delta::Row(_, r) => Some((r.org, Usage { running: 1, ..Usage::default() })),
-            Delta::Started(org) => Some((org, Usage { started: 1, ..Usage::default() })),
-            Delta::Billed(org, amount) => Some((org, Usage { billing: amount, ..Usage::default() })),
-            Delta::Note(_) => None,
+    let usage = out
+        .explode(|o| match o {
+            Out::Usage(org, usage) => Some((org, usage)),
+            _ => None,
         })
         .consolidate();
     Views { rows, usage, notes, state_size }
+}
+
+/// What the upsert operator emits: rows of the table, per-organization usage already summed over the
+/// timestamp, and notes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+enum Out {
+    Row(String, Row),
+    Usage(String, Usage),
+    Note(Note),
 }
 
 #[cfg(test)]

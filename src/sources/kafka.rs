@@ -19,6 +19,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, Stream};
+use timely::scheduling::SyncActivator;
 use tracing::{debug, info, warn};
 
 use super::dead_letter::DeadLetter;
@@ -74,7 +75,6 @@ pub struct SourceContext {
 }
 
 const POLL_BUDGET: Duration = Duration::from_millis(5);
-const IDLE_WAIT: Duration = Duration::from_millis(2);
 
 /// Reads `cfg.topic` into a stream of decoded records.
 pub fn kafka_source<'s, D: Decoder>(
@@ -85,11 +85,15 @@ pub fn kafka_source<'s, D: Decoder>(
 ) -> Stream<'s, u64, Vec<D::Out>> {
     let (index, peers) = (scope.index(), scope.peers());
     source::<_, timely::container::CapacityContainerBuilder<Vec<D::Out>>, _, _>(scope, "KafkaSource", move |cap, info| {
-        let activator = scope.activator_for(info.address);
+        let activator = scope.activator_for(info.address.clone());
+        // librdkafka calls this from its own thread when the consumer queue becomes non-empty: the worker
+        // wakes as data lands instead of polling on a timer.
+        let wake = scope.worker().sync_activator_for(info.address.to_vec());
         let mut cap = Some(cap);
         let mut reader: Option<Reader> = None;
         let mut backoff = Duration::from_millis(100);
         let mut next_attempt = Instant::now();
+        let tick = Duration::from_millis(ctx.tick_ms.max(1));
         let topic = cfg.topic.clone();
         let worker = index.to_string();
         move |output| {
@@ -99,7 +103,7 @@ pub fn kafka_source<'s, D: Decoder>(
                 return;
             }
             if reader.is_none() && Instant::now() >= next_attempt {
-                match Reader::connect(&cfg, index, peers, ctx.metrics.clone()) {
+                match Reader::connect(&cfg, index, peers, ctx.metrics.clone(), wake.clone()) {
                     Ok(r) => {
                         info!(topic = %cfg.topic, worker = index, partitions = ?r.partitions, "assigned partitions");
                         reader = Some(r);
@@ -168,7 +172,8 @@ pub fn kafka_source<'s, D: Decoder>(
             if read > 0 {
                 activator.activate();
             } else {
-                activator.activate_after(IDLE_WAIT);
+                // Data wakes us through the non-empty callback; the tick still advances time.
+                activator.activate_after(if reader.is_some() { tick } else { Duration::from_millis(100) });
             }
             debug!(worker = %worker, read, "source step");
         }
@@ -202,9 +207,14 @@ struct Reader {
 }
 
 impl Reader {
-    fn connect(cfg: &KafkaConfig, index: usize, peers: usize, metrics: Arc<Metrics>) -> Result<Reader, RuntimeError> {
+    fn connect(cfg: &KafkaConfig, index: usize, peers: usize, metrics: Arc<Metrics>, wake: SyncActivator) -> Result<Reader, RuntimeError> {
         let context = LagContext { metrics, topic: cfg.topic.clone() };
-        let consumer: BaseConsumer<LagContext> = client_config(cfg).set("statistics.interval.ms", "1000").create_with_context(context)?;
+        let mut consumer: BaseConsumer<LagContext> =
+            client_config(cfg).set("statistics.interval.ms", "1000").create_with_context(context)?;
+        consumer.set_nonempty_callback(move || {
+            // Fails only once the worker is gone, when there is nobody left to wake.
+            let _ = wake.activate();
+        });
         let metadata = consumer.fetch_metadata(Some(&cfg.topic), Duration::from_secs(5))?;
         let topic = metadata
             .topics()
@@ -238,6 +248,8 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "10")
+        // librdkafka's 1 MiB per partition and fetch starves a single consumer on small records.
+        .set("max.partition.fetch.bytes", "8388608")
         .set("socket.nagle.disable", "true");
     for (k, v) in &cfg.properties {
         c.set(k, v);
