@@ -60,12 +60,7 @@ impl Simulator {
     /// One step at database time `now_s` (epoch seconds).
     pub fn step(&mut self, now_s: i64) -> SimEvent {
         if self.live.is_empty() || self.rng.random_range(0..3) < 2 {
-            let org = self.orgs[self.rng.random_range(0..self.orgs.len())].clone();
-            let row =
-                SimRow { id: self.next_id, org, instance: uuid_v4(&mut self.rng), price: self.rng.random_range(1..=100), started_s: now_s };
-            self.next_id += 1;
-            self.live.push_back(row.clone());
-            SimEvent::Deploy(row)
+            deploy(&mut self.rng, &self.orgs, &mut self.next_id, &mut self.live, now_s)
         } else {
             SimEvent::Destroy(self.live.pop_front().expect("checked non-empty above"))
         }
@@ -74,6 +69,15 @@ impl Simulator {
     pub fn running(&self) -> usize {
         self.live.len()
     }
+}
+
+/// Deploys a new row (random organization, new instance uuid, price 1..=100) started at `ts`.
+fn deploy(rng: &mut StdRng, orgs: &[String], next_id: &mut u64, live: &mut VecDeque<SimRow>, ts: i64) -> SimEvent {
+    let org = orgs[rng.random_range(0..orgs.len())].clone();
+    let row = SimRow { id: *next_id, org, instance: uuid_v4(rng), price: rng.random_range(1..=100), started_s: ts };
+    *next_id += 1;
+    live.push_back(row.clone());
+    SimEvent::Deploy(row)
 }
 
 fn uuid_v4(rng: &mut StdRng) -> String {
@@ -187,12 +191,7 @@ impl Workload {
         }
         let ts = self.ts_s;
         let event = if self.live.len() < self.running {
-            let org = self.orgs[self.rng.random_range(0..self.orgs.len())].clone();
-            let row =
-                SimRow { id: self.next_id, org, instance: uuid_v4(&mut self.rng), price: self.rng.random_range(1..=100), started_s: ts };
-            self.next_id += 1;
-            self.live.push_back(row.clone());
-            SimEvent::Deploy(row)
+            deploy(&mut self.rng, &self.orgs, &mut self.next_id, &mut self.live, ts)
         } else if self.rng.random_bool(self.update_ratio.clamp(0.0, 1.0)) {
             let i = self.rng.random_range(0..self.live.len());
             let before = self.live[i].clone();
