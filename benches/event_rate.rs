@@ -603,7 +603,7 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
                 r.agrees.map_or("n/a", |b| if b { "yes" } else { "**NO**" })
             ));
             csv.push_str(&format!(
-                "throughput,{},{},{},{},{:.3},{:.0},{:.3},{},{},,,,\n",
+                "throughput,\"{}\",{},{},{},{:.3},{:.0},{:.3},{},{},,,,\n",
                 r.system,
                 r.schemas,
                 r.workers,
