@@ -186,7 +186,7 @@ impl Workload {
     /// The next event and its database second.
     pub fn next_event(&mut self) -> (SimEvent, i64) {
         self.emitted += 1;
-        if self.emitted.is_multiple_of(self.events_per_second) {
+        if self.emitted % self.events_per_second == 0 {
             self.ts_s += 1;
         }
         let ts = self.ts_s;
