@@ -117,6 +117,15 @@ struct Fresh {
 
 type Records = Vec<(i32, String, Option<String>)>;
 
+/// Where traffic goes and how it is encoded, for the phases that produce while tally runs.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    brokers: &'a str,
+    topic: &'a str,
+    partitions: i32,
+    schemas: bool,
+}
+
 /// Binlog positions handed out in commit order, as a real binlog does: tally treats an event at or before
 /// a position it already applied (per partition) as a re-delivery.
 static POS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(4);
@@ -312,16 +321,8 @@ fn wait_equal(http: &str, expected: &serde_json::Value, limit: Duration) -> bool
 
 /// Freshness at an offered rate: background workload traffic at `rate` events/s, and one probe at a time
 /// (a deploy for a new organization); latency = from handing the probe to the producer until `GET /` shows it.
-fn freshness(
-    brokers: &str,
-    topic: &str,
-    partitions: i32,
-    http: &str,
-    workload: &mut Workload,
-    rate: f64,
-    probes: usize,
-    schemas: bool,
-) -> (f64, f64, f64) {
+fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64, probes: usize) -> (f64, f64, f64) {
+    let Target { brokers, topic, partitions, schemas } = *target;
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(Mutex::new(0usize));
     // Pre-generate enough background traffic for the phase.
@@ -395,7 +396,8 @@ fn freshness(
 }
 
 /// Waits until tally has read every partition to its end: one marker deploy per partition, all visible.
-fn catch_up(brokers: &str, topic: &str, partitions: i32, http: &str, tag: &str, ts: i64, schemas: bool) -> bool {
+fn catch_up(target: &Target<'_>, http: &str, tag: &str, ts: i64) -> bool {
+    let Target { brokers, topic, partitions, schemas } = *target;
     let p = producer(brokers);
     let orgs: Vec<String> = (0..partitions).map(|i| format!("{tag}-{i}")).collect();
     for (i, org) in orgs.iter().enumerate() {
@@ -528,15 +530,16 @@ fn main() {
             }
         }
         // Freshness last: its traffic extends the topic the drain measurements above read.
+        let target = Target { brokers: &broker.0, topic, partitions: a.partitions, schemas };
         for &w in &workers {
             let t = spawn_tally(&broker.0, topic, w, &dir);
-            if !catch_up(&broker.0, topic, a.partitions, &t.http, &format!("sync-{w}"), workload.ts_s, schemas) {
+            if !catch_up(&target, &t.http, &format!("sync-{w}"), workload.ts_s) {
                 notes.push(format!("freshness -w {w}: tally never caught up"));
                 continue;
             }
             for &f in &rates {
                 let rate = max_rate[&w] * f;
-                let (achieved, p50, p99) = freshness(&broker.0, topic, a.partitions, &t.http, &mut workload, rate, a.probes, schemas);
+                let (achieved, p50, p99) = freshness(&target, &t.http, &mut workload, rate, a.probes);
                 eprintln!("bench: freshness -w {w} at {rate:.0}/s offered ({achieved:.0}/s achieved): p50 {p50:.1} ms, p99 {p99:.1} ms");
                 fresh.push(Fresh { schemas: mode.into(), workers: w, offered: rate, achieved, p50_ms: p50, p99_ms: p99 });
             }
