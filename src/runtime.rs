@@ -106,6 +106,21 @@ pub fn render_usage(state: &BTreeMap<String, Usage>) -> String {
     out
 }
 
+/// Applies, in arrival order, the pending updates whose timestamp the frontier has passed (`bound`: the
+/// frontier's least time; `None` once the input is complete) and keeps the rest. Returns how many it applied.
+fn drain_closed<D, R>(pending: &mut Vec<(D, u64, R)>, bound: Option<u64>, mut apply: impl FnMut(&D, &R)) -> u64 {
+    let mut applied = 0;
+    pending.retain(|(d, t, r)| {
+        if bound.is_some_and(|b| *t >= b) {
+            return true;
+        }
+        apply(d, r);
+        applied += 1;
+        false
+    });
+    applied
+}
+
 /// Gathers a view's updates on worker 0 and publishes the accumulated state at each closed timestamp.
 pub fn publish<'s, K, R>(
     collection: VecCollection<'s, u64, K, R>,
@@ -127,28 +142,18 @@ pub fn publish<'s, K, R>(
             return;
         }
         let bound = frontier.frontier().first().copied();
-        let closed = |t: &u64| bound.is_none_or(|b| *t < b);
-        let mut changed = 0u64;
-        pending.retain(|(k, t, r)| {
-            if !closed(t) {
-                return true;
-            }
-            changed += 1;
-            let entry = state.entry(k.clone());
-            match entry {
-                std::collections::btree_map::Entry::Occupied(mut o) => {
-                    o.get_mut().plus_equals(r);
-                    if o.get().is_zero() {
-                        o.remove();
-                    }
-                }
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    if !r.is_zero() {
-                        v.insert(r.clone());
-                    }
+        let changed = drain_closed(&mut pending, bound, |k, r| match state.entry(k.clone()) {
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                o.get_mut().plus_equals(r);
+                if o.get().is_zero() {
+                    o.remove();
                 }
             }
-            false
+            std::collections::btree_map::Entry::Vacant(v) => {
+                if !r.is_zero() {
+                    v.insert(r.clone());
+                }
+            }
         });
         let as_of = match bound {
             Some(b) => b.saturating_sub(1),
@@ -305,19 +310,12 @@ fn sqlite_sink<'s>(items: VecCollection<'s, u64, SinkItem>, topic: String, path:
             return;
         }
         let bound = frontier.frontier().first().copied();
-        let closed = |t: &u64| bound.is_none_or(|b| *t < b);
-        pending.retain(|(item, t, diff)| {
-            if !closed(t) {
-                return true;
+        drain_closed(&mut pending, bound, |item, diff| match item {
+            SinkItem::Count(food, count) => *deltas.entry(food.clone()).or_default() += count * (*diff as i64),
+            SinkItem::Offset(p, o) => {
+                let e = offsets.entry(*p).or_insert(*o);
+                *e = (*e).max(*o);
             }
-            match item {
-                SinkItem::Count(food, count) => *deltas.entry(food.clone()).or_default() += count * (*diff as i64),
-                SinkItem::Offset(p, o) => {
-                    let e = offsets.entry(*p).or_insert(*o);
-                    *e = (*e).max(*o);
-                }
-            }
-            false
         });
         let as_of = bound.map_or(last_as_of, |b| b.saturating_sub(1));
         deltas.retain(|_, d| *d != 0);
