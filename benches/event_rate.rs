@@ -140,9 +140,7 @@ fn generate(a: &Args, schemas: bool) -> (Records, serde_json::Value, Workload) {
     for _ in 0..a.events {
         let (event, ts) = w.next_event();
         ledger.apply(&event, ts);
-        let id = match &event {
-            SimEvent::Deploy(r) | SimEvent::Destroy(r) | SimEvent::Reprice { after: r, .. } => r.id,
-        };
+        let id = event.row().id;
         for (k, v) in debezium_records(&event, ts, next_pos(), schemas) {
             records.push(((id % 4) as i32, k, v));
         }
@@ -330,9 +328,7 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
     let mut background: Records = Vec::new();
     for _ in 0..(rate * expected_secs) as usize {
         let (event, ts) = workload.next_event();
-        let id = match &event {
-            SimEvent::Deploy(r) | SimEvent::Destroy(r) | SimEvent::Reprice { after: r, .. } => r.id,
-        };
+        let id = event.row().id;
         for (k, v) in debezium_records(&event, ts, next_pos(), schemas) {
             background.push(((id % 4) as i32, k, v));
         }

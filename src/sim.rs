@@ -40,6 +40,15 @@ pub enum SimEvent {
     },
 }
 
+impl SimEvent {
+    /// The row the event is about (for a price change, its new image).
+    pub fn row(&self) -> &SimRow {
+        match self {
+            SimEvent::Deploy(r) | SimEvent::Destroy(r) | SimEvent::Reprice { after: r, .. } => r,
+        }
+    }
+}
+
 pub struct Simulator {
     rng: StdRng,
     next_id: u64,

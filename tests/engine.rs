@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use dataflows::usage::{Change, Usage};
 use differential_dataflow::difference::{IsZero, Semigroup};
-use tally::sim::{debezium_records, Ledger, SimEvent, Workload};
+use tally::sim::{debezium_records, Ledger, Workload};
 use tally::sources::debezium::{DebeziumDecoder, Decoded, Meta};
 use timely::dataflow::operators::Input;
 
@@ -21,9 +21,7 @@ fn workload(events: usize) -> (Vec<Change>, serde_json::Value) {
     for i in 0..events {
         let (event, ts) = w.next_event();
         ledger.apply(&event, ts);
-        let id = match &event {
-            SimEvent::Deploy(r) | SimEvent::Destroy(r) | SimEvent::Reprice { after: r, .. } => r.id,
-        };
+        let id = event.row().id;
         let partition = (id % 4) as i32;
         for (k, v) in debezium_records(&event, ts, 4 + i as u64 * 10, i % 3 == 0) {
             let meta = Meta { partition, offset: offsets[partition as usize], ..Meta::default() };

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{capture_records, produce, Broker, Rec, Tally};
 use serde_json::json;
-use tally::sim::{debezium_records, SimEvent, Simulator};
+use tally::sim::{debezium_records, Ledger, Simulator};
 
 const TOPIC: &str = "topic.cloud.instances";
 const WAIT: Duration = Duration::from_secs(60);
@@ -86,42 +85,17 @@ fn captured_stream_over_four_partitions_with_two_workers_and_redelivery() {
     assert_eq!(records.len(), 23);
 }
 
-/// What the simulator did, billed independently of tally: per organization started, running, billing.
-fn ledger(events: &[(SimEvent, i64)]) -> serde_json::Value {
-    let mut per_org: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
-    for (event, ts) in events {
-        match event {
-            SimEvent::Deploy(r) => {
-                let e = per_org.entry(r.org.clone()).or_default();
-                e.0 += 1;
-                e.1 += 1;
-            }
-            SimEvent::Destroy(r) => {
-                let e = per_org.entry(r.org.clone()).or_default();
-                e.1 -= 1;
-                e.2 += r.price * (ts - r.started_s);
-            }
-            SimEvent::Reprice { .. } => unreachable!("the spec's simulator never changes prices"),
-        }
-    }
-    serde_json::Value::Object(
-        per_org.into_iter().map(|(org, (s, r, b))| (org, json!({"started": s, "running": r, "billing": b}))).collect(),
-    )
-}
-
 /// `steps` simulator steps with database time advancing 1-3 s per step, as Debezium records over
-/// `partitions` partitions (by id), plus the ledger.
+/// `partitions` partitions (by id), plus what the simulator did billed independently of tally.
 fn simulated(steps: usize, partitions: i32, seed: u64) -> (Vec<Rec>, serde_json::Value) {
     let mut sim = Simulator::new(seed);
     let mut ts = 1_700_000_000i64;
-    let mut events = Vec::new();
+    let mut ledger = Ledger::default();
     let mut records = Vec::new();
     for i in 0..steps {
         ts += 1 + (i as i64 % 3);
         let event = sim.step(ts);
-        let id = match &event {
-            SimEvent::Deploy(r) | SimEvent::Destroy(r) | SimEvent::Reprice { after: r, .. } => r.id,
-        };
+        let id = event.row().id;
         for (key, value) in debezium_records(&event, ts, 1000 + i as u64 * 10, i % 2 == 0) {
             records.push(Rec {
                 partition: (id % partitions as u64) as i32,
@@ -130,9 +104,9 @@ fn simulated(steps: usize, partitions: i32, seed: u64) -> (Vec<Rec>, serde_json:
                 headers: vec![],
             });
         }
-        events.push((event, ts));
+        ledger.apply(&event, ts);
     }
-    (records, ledger(&events))
+    (records, ledger.to_json())
 }
 
 #[test]
