@@ -182,10 +182,10 @@ fn note_label(n: Note) -> &'static str {
 /// Runs the usage pipeline until `shutdown` is set. `routes` receives the view to serve.
 pub fn run_usage(cfg: UsageConfig, metrics: Arc<Metrics>, view: ViewHandle, shutdown: Arc<AtomicBool>) -> Result<(), RuntimeError> {
     let dead_letter = Arc::new(DeadLetter::open(&cfg.dead_letter)?);
-    let timely_config = cfg.cluster.timely_config()?;
+    let cluster = cfg.cluster.clone();
     let tick_ms = cfg.cluster.tick_ms.max(1);
     info!(topic = %cfg.kafka.topic, brokers = %cfg.kafka.brokers, workers = cfg.cluster.workers, processes = cfg.cluster.processes, dead_letter = %dead_letter.path().display(), "starting usage pipeline");
-    let guards = timely::execute(timely_config, move |worker| {
+    execute(&cluster, move |worker| {
         let ctx = SourceContext { metrics: metrics.clone(), dead_letter: dead_letter.clone(), shutdown: shutdown.clone(), tick_ms };
         let kafka = cfg.kafka.clone();
         let decimal_scale = cfg.decimal_scale;
@@ -209,7 +209,14 @@ pub fn run_usage(cfg: UsageConfig, metrics: Arc<Metrics>, view: ViewHandle, shut
             }
         }
     })
-    .map_err(RuntimeError::Timely)?;
+}
+
+/// Runs `work` on every worker of the cluster layout and waits for all of them to finish.
+fn execute<F>(cluster: &Cluster, work: F) -> Result<(), RuntimeError>
+where
+    F: Fn(&mut timely::worker::Worker) + Send + Sync + 'static,
+{
+    let guards = timely::execute(cluster.timely_config()?, work).map_err(RuntimeError::Timely)?;
     for result in guards.join() {
         result.map_err(RuntimeError::Timely)?;
     }
@@ -250,9 +257,9 @@ pub fn run_food(mut cfg: FoodConfig, metrics: Arc<Metrics>, view: ViewHandle, sh
     info!(sqlite = %cfg.sqlite.display(), resume_from = ?offsets, "food counts: resuming from stored offsets");
     cfg.kafka.start_offsets = offsets.into_iter().collect();
     let dead_letter = Arc::new(DeadLetter::open(&cfg.dead_letter)?);
-    let timely_config = cfg.cluster.timely_config()?;
+    let cluster = cfg.cluster.clone();
     let tick_ms = cfg.cluster.tick_ms.max(1);
-    let guards = timely::execute(timely_config, move |worker| {
+    execute(&cluster, move |worker| {
         let ctx = SourceContext { metrics: metrics.clone(), dead_letter: dead_letter.clone(), shutdown: shutdown.clone(), tick_ms };
         let (kafka, sqlite, view, metrics) = (cfg.kafka.clone(), cfg.sqlite.clone(), view.clone(), metrics.clone());
         worker.dataflow::<u64, _, _>(|scope| {
@@ -281,11 +288,6 @@ pub fn run_food(mut cfg: FoodConfig, metrics: Arc<Metrics>, view: ViewHandle, sh
         });
         while worker.step_or_park(Some(Duration::from_millis(tick_ms))) {}
     })
-    .map_err(RuntimeError::Timely)?;
-    for result in guards.join() {
-        result.map_err(RuntimeError::Timely)?;
-    }
-    Ok(())
 }
 
 /// What the SQLite sink receives: a count's change, or a partition's read offset.

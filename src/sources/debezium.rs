@@ -166,13 +166,16 @@ fn key_payload(key: &[u8]) -> Result<String, DecodeError> {
         schema: Option<&'a RawValue>,
     }
     let text = std::str::from_utf8(key).map_err(|_| DecodeError::Malformed("key is not UTF-8".into()))?;
-    // Parse once to validate; a key with schema carries its value in `payload`.
-    let raw: &RawValue = serde_json::from_str(text).map_err(DecodeError::from_json)?;
-    let inner = match serde_json::from_str::<KeyEnvelope<'_>>(raw.get()) {
-        Ok(KeyEnvelope { payload: Some(p), schema: Some(_) }) => p,
-        _ => raw,
-    };
-    Ok(inner.get().trim().to_owned())
+    // One parse for the usual key (a JSON object): a key with schema carries its value in `payload`. Only a
+    // key the envelope does not fit (a scalar, or bad JSON) is parsed again, to accept or reject it.
+    match serde_json::from_str::<KeyEnvelope<'_>>(text) {
+        Ok(KeyEnvelope { payload: Some(p), schema: Some(_) }) => Ok(p.get().trim().to_owned()),
+        Ok(_) => Ok(text.trim().to_owned()),
+        Err(_) => {
+            let raw: &RawValue = serde_json::from_str(text).map_err(DecodeError::from_json)?;
+            Ok(raw.get().trim().to_owned())
+        }
+    }
 }
 
 /// `mariadb-bin.000002` -> 2. Binlog file names are numbered in order.
