@@ -3,13 +3,17 @@
 //! ledger, so nobody wins by computing less.
 //!
 //!   cargo bench --bench event_rate -- [--events N] [--running N] [--orgs N] [--updates F] [--workers 1,2]
-//!                                     [--schemas on,off] [--rates 0.1,0.25,0.5] [--skip-python] [--out DIR]
+//!                                     [--schemas on,off] [--rates 0.1,0.25,0.5] [--skip-python]
+//!                                     [--python kafka-python,pathway,bytewax] [--out DIR]
 //!
 //! Measures, per schema setting: producing into the broker; the broker's own consume rate (no parsing);
 //! the parse-and-count floor (rdkafka + tally's typed decoder + the upsert logic in a HashMap, no
 //! dataflow); tally end to end for each worker count (drain: process start until `GET /` equals the
 //! ledger; peak RSS; freshness p50/p99 at fixed offered rates); tally's engine alone (decoded changes fed
-//! straight into the dataflow) and decoding alone; and the spec's stack, a kafka-python consumer.
+//! straight into the dataflow) and decoding alone; and, unless `--skip-python`, the alternatives a user
+//! would weigh, each computing the same three numbers (scripts/bench-deps installs them): the spec's
+//! stack (a kafka-python consumer, timed from its first poll), Pathway (timed over `pw.run`, static mode)
+//! and Bytewax (timed over `run_main`, tail=False). Each reports its own peak RSS.
 //! Writes `results.md`, `results.csv` and (with matplotlib) `throughput.png`, `freshness.png` to `--out`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -63,6 +67,9 @@ struct Args {
     probes: usize,
     #[arg(long)]
     skip_python: bool,
+    /// Which Python alternatives to run: kafka-python, pathway, bytewax.
+    #[arg(long, default_value = "kafka-python,pathway,bytewax")]
+    python: String,
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
     /// Passed by `cargo bench`; ignored.
@@ -198,6 +205,7 @@ fn consumer(brokers: &str, topic: &str, partitions: i32) -> BaseConsumer {
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
         .set("max.partition.fetch.bytes", "8388608")
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
@@ -517,12 +525,28 @@ fn main() {
             rows.push(row(&format!("tally engine only -w {w} (decoded, no Kafka)"), w, s, None, Some(ok)));
         }
         if !a.skip_python {
-            match kafka_python(&broker.0, topic, n) {
-                Ok((s, got)) => {
-                    eprintln!("bench: kafka-python {:.0}/s", n as f64 / s);
-                    rows.push(row("kafka-python consumer (the spec's stack)", 1, s, None, Some(got == expected)));
+            let n_s = n.to_string();
+            let systems: [(&str, &str, &str, Vec<&str>); 3] = [
+                ("kafka-python", "kafka-python consumer (the spec's stack)", "kafka_python_usage.py", vec![&broker.0, topic, &n_s]),
+                ("pathway", "Pathway 0.33 (1 thread)", "pathway_usage.py", vec![&broker.0, topic, mode]),
+                ("bytewax", "Bytewax 0.21 (1 worker)", "bytewax_usage.py", vec![&broker.0, topic]),
+            ];
+            let chosen: Vec<&str> = a.python.split(',').map(str::trim).collect();
+            for (_, name, script, args) in systems.into_iter().filter(|s| chosen.contains(&s.0)) {
+                let log = a.out.join(format!("{}-{mode}.log", script.trim_end_matches(".py")));
+                match python_system(script, &args, &log) {
+                    Ok((s, rss, got)) => {
+                        let agrees = got == expected;
+                        eprintln!("bench: {name} {:.0}/s, agrees {agrees}", n as f64 / s);
+                        if !agrees {
+                            let file = a.out.join(format!("disagreement-{script}-{mode}.json"));
+                            std::fs::write(&file, got.to_string()).ok();
+                            notes.push(format!("{name} disagreed with the ledger (schemas {mode}); its result is in {}", file.display()));
+                        }
+                        rows.push(row(name, 1, s, rss, Some(agrees)));
+                    }
+                    Err(e) => notes.push(format!("{name} not measured (schemas {mode}): {e}")),
                 }
-                Err(e) => notes.push(format!("kafka-python not measured: {e}")),
             }
         }
         // Freshness last: its traffic extends the topic the drain measurements above read.
@@ -544,19 +568,26 @@ fn main() {
     report(&a, &rows, &fresh, &notes);
 }
 
-fn kafka_python(brokers: &str, topic: &str, n: usize) -> Result<(f64, serde_json::Value), String> {
+/// Runs one of the Python comparison scripts in `benches/` under the benchmark venv. Each prints
+/// `{"seconds": processing time as it measures it, "rss_mb": its peak RSS, "result": {...}}`.
+/// Its stderr (Pathway logs every tombstone as a parse error) goes to `log`.
+fn python_system(script: &str, args: &[&str], log: &Path) -> Result<(f64, Option<f64>, serde_json::Value), String> {
     let py = dirs_python();
-    let out = Command::new(&py)
-        .arg(root().join("benches/kafka_python_usage.py"))
-        .args([brokers, topic, &n.to_string()])
-        .stderr(Stdio::inherit())
-        .output()
+    let stderr = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let child = Command::new(&py)
+        .arg(root().join("benches").join(script))
+        .args(args)
+        .env("PATHWAY_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
         .map_err(|e| format!("{py}: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(format!("exit {}", out.status));
+        return Err(format!("{script} exited with {} (its log: {})", out.status, log.display()));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), v["result"].clone()))
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{script} printed no result: {e}"))?;
+    Ok((v["seconds"].as_f64().unwrap_or(f64::NAN), v["rss_mb"].as_f64(), v["result"].clone()))
 }
 
 /// The benchmark venv's python (scripts/bench-deps installs it), else python3.

@@ -6,6 +6,7 @@ earliest offset, then prints {"seconds": elapsed from first poll, "result": {...
     python kafka_python_usage.py BROKERS TOPIC N
 """
 import json
+import resource
 import sys
 import time
 from datetime import datetime
@@ -70,7 +71,7 @@ def main():
                     o[2] += accrued + price * (ts - since)
     elapsed = time.monotonic() - (start or time.monotonic())
     result = {org: {"started": s, "running": r, "billing": b} for org, (s, r, b) in sorted(orgs.items())}
-    print(json.dumps({"seconds": elapsed, "result": result}))
+    print(json.dumps({"seconds": elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "result": result}))
 
 
 if __name__ == "__main__":
