@@ -10,6 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use tally::http::{Routes, ViewHandle};
 use tally::metrics::Metrics;
 use tally::runtime::{self, Cluster, FoodConfig, UsageConfig};
+
+/// Decoding and the dataflow allocate small strings per record; glibc's malloc cost tally about a third of
+/// its worker time in the event-rate benchmark (perf, bench-results/).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tally::sources::kafka::KafkaConfig;
 
 /// Live, exact views over Kafka streams.

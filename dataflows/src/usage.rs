@@ -2,11 +2,12 @@
 //! `started`, how many are `running`, and the `billing` of the destroyed ones.
 //!
 //! Shape: the change stream is an upsert on the Kafka key (the primary key). One operator, keyed by that
-//! key, turns each key's events (in partition-offset order) into differential updates: the table's rows
-//! (`+row`/`-row`), appearances (`+org`) and closed bills (`+amount`). Billing is event time only
-//! (`started` column, `source.ts_ms` of updates and deletes), so any replay, batching or worker count
-//! gives the same numbers. The three feed one collection keyed by organization whose *difference* is the
-//! triple `Usage`, so consolidation is the aggregation and state is one record per organization.
+//! key, turns each key's events (in partition-offset order) into differential updates: live rows
+//! (`+1`/`-1` running), appearances (`+1` started) and closed bills (`+amount`), summed per organization
+//! and timestamp. Billing is event time only (`started` column, `source.ts_ms` of updates and deletes), so
+//! any replay, batching or worker count gives the same numbers. They form one collection keyed by
+//! organization whose *difference* is the triple `Usage`, so consolidation is the aggregation and state is
+//! one record per organization.
 //!
 //! Re-delivery (a connector restart replays events) is recognised by binlog position: per partition and
 //! worker, an event at or before the highest position already applied is a duplicate. Only the keys seen at
@@ -304,8 +305,6 @@ fn key_hash(key: &str) -> u64 {
 
 /// The usage pipeline's outputs.
 pub struct Views<'s, T: Timestamp + Lattice> {
-    /// The table as the change stream describes it: `(key, row)`.
-    pub rows: VecCollection<'s, T, (String, Row)>,
     /// Per organization; the accumulated difference is that organization's usage.
     pub usage: VecCollection<'s, T, String, Usage>,
     /// Anomalies worth counting.
@@ -355,11 +354,7 @@ where
                             state.apply(change, &mut produced);
                             for (delta, diff) in produced.drain(..) {
                                 let (org, usage) = match delta {
-                                    Delta::Row(key, row) => {
-                                        let org = row.org.clone();
-                                        session.give((Out::Row(key, row), time.clone(), diff));
-                                        (org, Usage { running: diff as i64, ..Usage::default() })
-                                    }
+                                    Delta::Row(_key, row) => (row.org, Usage { running: diff as i64, ..Usage::default() }),
                                     Delta::Started(org) => (org, Usage { started: diff as i64, ..Usage::default() }),
                                     Delta::Billed(org, amount) => (org, Usage { billing: amount.times(diff as i64), ..Usage::default() }),
                                     Delta::Note(note) => {
@@ -381,10 +376,6 @@ where
         )
         .as_collection();
 
-    let rows = out.clone().flat_map(|o| match o {
-        Out::Row(k, r) => Some((k, r)),
-        _ => None,
-    });
     let notes = out.clone().flat_map(|o| match o {
         Out::Note(n) => Some(n),
         _ => None,
@@ -395,14 +386,13 @@ where
             _ => None,
         })
         .consolidate();
-    Views { rows, usage, notes, state_size }
+    Views { usage, notes, state_size }
 }
 
-/// What the upsert operator emits: rows of the table, per-organization usage already summed over the
-/// timestamp, and notes.
+/// What the upsert operator emits: per-organization usage already summed over the timestamp, and notes.
+/// (Rows of the table are not materialised: nothing reads them, and `running` already counts them.)
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 enum Out {
-    Row(String, Row),
     Usage(String, Usage),
     Note(Note),
 }
@@ -441,13 +431,14 @@ mod tests {
         Op::Delete { before: Some(r), moved_out: false }
     }
 
-    /// Feeds each batch at its own timestamp and returns the final usage per organization and row count.
+    /// Feeds each batch at its own timestamp and returns the final usage per organization and the live
+    /// row count (the sum of `running`).
     fn run(batches: Vec<Vec<Change>>) -> (BTreeMap<String, Usage>, usize) {
-        let (usage, rows) = timely::execute_directly(move |worker| {
-            let (mut input, usage, rows) = worker.dataflow::<u64, _, _>(|scope| {
+        let usage = timely::execute_directly(move |worker| {
+            let (mut input, usage) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, stream) = scope.new_input::<Vec<Change>>();
                 let views = usage(stream);
-                (input, views.usage.inner.capture(), views.rows.inner.capture())
+                (input, views.usage.inner.capture())
             });
             for (t, batch) in batches.into_iter().enumerate() {
                 input.advance_to(t as u64);
@@ -456,7 +447,7 @@ mod tests {
                 }
             }
             drop(input);
-            (usage, rows)
+            usage
         });
         let mut out: BTreeMap<String, Usage> = BTreeMap::new();
         for (_t, updates) in usage.extract() {
@@ -464,8 +455,8 @@ mod tests {
                 out.entry(org).or_default().plus_equals(&diff);
             }
         }
+        let live: i64 = out.values().map(|u| u.running).sum();
         out.retain(|_, u| !u.is_zero());
-        let live: isize = rows.extract().into_iter().flat_map(|(_, v)| v).map(|(_, _, r)| r).sum();
         (out, live as usize)
     }
 
