@@ -20,7 +20,8 @@ for ax, mode in zip(axes[0], modes):
     rates = [float(r["records_per_s"]) for r in sub]
     colors = ["tab:green" if n.startswith("tally") else "tab:gray" for n in names]
     ax.barh(names, rates, color=colors)
-    ax.set_xlabel("records/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("records/s (log scale)")
     ax.set_title(f"throughput, schemas {mode}")
     ax.invert_yaxis()
 fig.tight_layout()
