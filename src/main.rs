@@ -225,7 +225,7 @@ fn main() -> anyhow::Result<()> {
 
 fn usage(args: UsageArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let shutdown = Arc::new(AtomicBool::new(false));
+    let shutdown = stop_on_signals()?;
     let view = ViewHandle::new("{}");
     let cluster = args.cluster.cluster();
     if cluster.serves_http() {
@@ -260,7 +260,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
 fn food(args: FoodArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let shutdown = Arc::new(AtomicBool::new(false));
+    let shutdown = stop_on_signals()?;
     let view = ViewHandle::new("[]");
     let cluster = args.cluster.cluster();
     if let Some(dir) = args.sqlite.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -274,6 +274,21 @@ fn food(args: FoodArgs) -> anyhow::Result<()> {
     }
     let cfg = FoodConfig { kafka: args.kafka.config(&args.topic), sqlite: args.sqlite, dead_letter: args.dead_letter, cluster };
     runtime::run_food(cfg, metrics, view, shutdown).context("food counts pipeline failed")
+}
+
+/// SIGTERM or Ctrl-C sets the returned flag: the sources stop reading, the dataflow finishes what was read
+/// (the food sink commits it with its offsets), and the pipeline returns, so tally exits 0. A second signal
+/// exits at once with status 1. In cluster mode every process needs the signal: the dataflow completes
+/// only when all sources have stopped.
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, shutdown.clone()).context("installing a signal handler")?;
+        signal_hook::flag::register(signal, shutdown.clone()).context("installing a signal handler")?;
+    }
+    Ok(shutdown)
 }
 
 fn feed(args: FeedArgs) -> anyhow::Result<()> {

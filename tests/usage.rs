@@ -83,6 +83,10 @@ fn captured_stream_over_four_partitions_with_two_workers_and_redelivery() {
     tally.wait_for_json("/", &captured_expected(), WAIT);
     // The same statements captured with schemas off decode to the same rows: same JSON modulo times.
     assert_eq!(records.len(), 23);
+    // SIGTERM stops both workers' sources; the dataflow completes and tally exits 0.
+    let mut tally = tally;
+    let (status, _) = tally.terminate();
+    assert!(status.success(), "SIGTERM should end tally cleanly, got {status}");
 }
 
 /// `steps` simulator steps with database time advancing 1-3 s per step, as Debezium records over

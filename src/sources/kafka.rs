@@ -99,6 +99,7 @@ pub fn kafka_source<'s, D: Decoder>(
         move |output| {
             let Some(capability) = cap.as_mut() else { return };
             if ctx.shutdown.load(Ordering::Relaxed) {
+                info!(topic = %cfg.topic, worker = index, "shutdown requested: reading stops, what was read is finished");
                 cap = None;
                 return;
             }

@@ -231,6 +231,20 @@ impl Tally {
         body.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
     }
 
+    /// SIGTERM, then waits (at most 15 s) for tally to exit; returns its status and how long it took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let term = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill(1)");
+        assert!(term.success(), "kill -TERM failed");
+        let sent = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status, sent.elapsed());
+            }
+            assert!(sent.elapsed() < Duration::from_secs(15), "tally still running 15 s after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
