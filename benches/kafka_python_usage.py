@@ -6,12 +6,18 @@ earliest offset, then prints {"seconds": elapsed from first poll, "result": {...
     python kafka_python_usage.py BROKERS TOPIC N
 """
 import json
-import resource
 import sys
 import time
 from datetime import datetime
 
 from kafka import KafkaConsumer, TopicPartition
+
+
+def peak_rss_mb():
+    """VmHWM: unlike getrusage's ru_maxrss, it is not inherited across fork and exec from the parent."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+
 
 
 def epoch_s(started):
@@ -71,7 +77,7 @@ def main():
                     o[2] += accrued + price * (ts - since)
     elapsed = time.monotonic() - (start or time.monotonic())
     result = {org: {"started": s, "running": r, "billing": b} for org, (s, r, b) in sorted(orgs.items())}
-    print(json.dumps({"seconds": elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "result": result}))
+    print(json.dumps({"seconds": elapsed, "rss_mb": peak_rss_mb(), "result": result}))
 
 
 if __name__ == "__main__":
