@@ -10,25 +10,13 @@ Prints {"seconds": run time of the flow, "result": {...}} as JSON on stdout.
 import json
 import sys
 import time
-from datetime import datetime
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, run_main
+from bench_common import epoch_s, peak_rss_mb
 
-
-def peak_rss_mb():
-    """VmHWM: unlike getrusage's ru_maxrss, it is not inherited across fork and exec from the parent."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-
-
-
-def epoch_s(started):
-    if isinstance(started, str):
-        return int(datetime.fromisoformat(started.replace("Z", "+00:00")).timestamp())
-    return int(started) // 1000
 
 
 def parse(msg):

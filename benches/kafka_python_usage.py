@@ -8,22 +8,10 @@ earliest offset, then prints {"seconds": elapsed from first poll, "result": {...
 import json
 import sys
 import time
-from datetime import datetime
 
 from kafka import KafkaConsumer, TopicPartition
+from bench_common import epoch_s, peak_rss_mb
 
-
-def peak_rss_mb():
-    """VmHWM: unlike getrusage's ru_maxrss, it is not inherited across fork and exec from the parent."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-
-
-
-def epoch_s(started):
-    if isinstance(started, str):
-        return int(datetime.fromisoformat(started.replace("Z", "+00:00")).timestamp())
-    return int(started) // 1000
 
 
 def main():

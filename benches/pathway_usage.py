@@ -16,12 +16,7 @@ import sys
 import time
 
 import pathway as pw
-
-
-def peak_rss_mb():
-    """VmHWM: unlike getrusage's ru_maxrss, it is not inherited across fork and exec from the parent."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+from bench_common import peak_rss_mb
 
 
 

@@ -67,6 +67,17 @@ fn wait_counts(tally: &Tally, expected: &BTreeMap<String, i64>) {
     }
 }
 
+/// Produces `records` 500 at a time, 40 ms apart: tally is stopped while events still arrive.
+fn throttled_producer(broker: &Broker, records: &[Rec]) -> std::thread::JoinHandle<()> {
+    let (records, addr) = (records.to_vec(), broker.addr.clone());
+    std::thread::spawn(move || {
+        for chunk in records.chunks(500) {
+            common::produce_to(&addr, TOPIC, chunk);
+            std::thread::sleep(Duration::from_millis(40));
+        }
+    })
+}
+
 fn food_args<'a>(broker: &'a Broker, workers: &'a str, sqlite: &'a str, dl: &'a str) -> Vec<&'a str> {
     vec!["food", "--brokers", &broker.addr, "-w", workers, "--sqlite", sqlite, "--dead-letter", dl]
 }
@@ -129,16 +140,8 @@ fn kill_nine_mid_stream_and_restart_counts_exactly_once() {
     let (records, expected) = events(30_000, 2, 2);
     let total: i64 = expected.values().sum();
     let args = food_args(&broker, "1", db.to_str().unwrap(), dl.to_str().unwrap());
-    // A throttled producer, so tally is killed while events are still arriving and being committed.
-    let producer = std::thread::spawn({
-        let (records, addr) = (records.clone(), broker.addr.clone());
-        move || {
-            for chunk in records.chunks(500) {
-                common::produce_to(&addr, TOPIC, chunk);
-                std::thread::sleep(Duration::from_millis(40));
-            }
-        }
-    });
+    // Killed while events are still arriving and being committed.
+    let producer = throttled_producer(&broker, &records);
     // Events committed so far (0 until tally has created the table).
     let committed = || -> i64 {
         let Ok(conn) = Connection::open(&db) else { return 0 };
@@ -173,15 +176,7 @@ fn sigterm_mid_stream_commits_what_was_read_and_exits_zero() {
     let dl = dir.join("dl.jsonl");
     let (records, expected) = events(20_000, 2, 4);
     let args = food_args(&broker, "1", db.to_str().unwrap(), dl.to_str().unwrap());
-    let producer = std::thread::spawn({
-        let (records, addr) = (records.clone(), broker.addr.clone());
-        move || {
-            for chunk in records.chunks(500) {
-                common::produce_to(&addr, TOPIC, chunk);
-                std::thread::sleep(Duration::from_millis(40));
-            }
-        }
-    });
+    let producer = throttled_producer(&broker, &records);
     let sql = |q: &str| -> i64 { Connection::open(&db).and_then(|c| c.query_row(q, [], |r| r.get(0))).unwrap_or(0) };
     let counted = || sql("SELECT coalesce(sum(count), 0) FROM aggregated");
     let mut tally = Tally::spawn(&args);
