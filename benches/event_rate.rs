@@ -305,8 +305,13 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 }
 
 fn peak_rss_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmHWM:")
+}
+
+/// A memory line of /proc/PID/status (`VmHWM:` peak, `VmRSS:` now), in MB.
+fn status_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix(field))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb / 1024.0)
 }
 
@@ -546,10 +551,11 @@ fn main() {
             let (first, end) = done.unwrap_or((start, Instant::now()));
             let s = (end - first).as_secs_f64();
             let rss = peak_rss_mb(t.child.id());
-            eprintln!("bench: tally -w {w}: {:.0}/s, peak RSS {:.0} MB, agrees {ok}", n as f64 / s, rss.unwrap_or(0.0));
+            let now = status_mb(t.child.id(), "VmRSS:").unwrap_or(0.0);
+            eprintln!("bench: tally -w {w}: {:.0}/s, peak RSS {:.0} MB (now {now:.0} MB), agrees {ok}", n as f64 / s, rss.unwrap_or(0.0));
             rows.push(row(&format!("tally -w {w} (end to end)"), w, s, rss, Some(ok)));
             notes.push(format!(
-                "schemas {mode}, tally -w {w}: {:.0} ms from process start to its first message counted; {:.0} records/s counting that too",
+                "schemas {mode}, tally -w {w}: {:.0} ms from process start to its first message counted; {:.0} records/s counting that too; RSS {now:.0} MB once drained",
                 (first - start).as_secs_f64() * 1e3,
                 n as f64 / (end - start).as_secs_f64()
             ));
