@@ -38,6 +38,7 @@ use tally::sim::{debezium_records, Ledger, SimEvent, SimRow, Workload};
 use tally::sources::debezium::{DebeziumDecoder, Decoded, Meta};
 
 /// The allocator tally itself runs with, so the floor and the engine-only rows compare like with like.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -13,6 +13,7 @@ use tally::runtime::{self, Cluster, FoodConfig, UsageConfig};
 
 /// Decoding and the dataflow allocate small strings per record; glibc's malloc cost tally about a third of
 /// its worker time in the event-rate benchmark (perf, bench-results/).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tally::sources::kafka::KafkaConfig;
