@@ -266,7 +266,7 @@ fn render(usage: &HashMap<String, Usage>) -> serde_json::Value {
 fn accumulate(usage: &mut HashMap<String, Usage>, deltas: &mut Vec<(Delta, isize)>) {
     for (d, r) in deltas.drain(..) {
         let (org, u) = match d {
-            Delta::Row(_, row) => (row.org, Usage { running: r as i64, ..Usage::default() }),
+            Delta::Running(org) => (org, Usage { running: r as i64, ..Usage::default() }),
             Delta::Started(org) => (org, Usage { started: r as i64, ..Usage::default() }),
             Delta::Billed(org, amount) => (org, Usage { billing: amount.times(r as i64), ..Usage::default() }),
             Delta::Note(_) => continue,

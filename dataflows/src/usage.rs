@@ -142,10 +142,11 @@ pub enum Note {
     Replaced,
 }
 
-/// Output of the upsert, one variant per downstream collection.
+/// What applying one change contributes, per organization, plus notes.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Delta {
-    Row(String, Row),
+    /// A row of this organization appeared (`+1`) or went (`-1`).
+    Running(String),
     Started(String),
     Billed(String, Money),
     Note(Note),
@@ -215,9 +216,9 @@ impl UpsertState {
         let ts = change.ts_ms;
         let Some(key) = change.key else {
             if change.op == Op::Truncate {
-                for (key, state) in self.keys.drain() {
+                for (_, state) in self.keys.drain() {
                     if let KeyState::Live { row, since_ms, accrued } = state {
-                        close(key, row, since_ms, accrued, ts, out);
+                        close(row, since_ms, accrued, ts, out);
                     }
                 }
             }
@@ -237,12 +238,11 @@ impl UpsertState {
                         } else {
                             (since_ms, accrued)
                         };
-                        out.push((Delta::Row(key.clone(), old), -1));
-                        out.push((Delta::Row(key.clone(), row.clone()), 1));
+                        // Same organization and instance: `running` is unchanged.
                         self.keys.insert(key, KeyState::Live { row, since_ms, accrued });
                     } else {
                         out.push((Delta::Note(Note::Replaced), 1));
-                        close(key.clone(), old, since_ms, accrued, ts, out);
+                        close(old, since_ms, accrued, ts, out);
                         self.appear(key, kind, row, moved_in, ts, out);
                     }
                 }
@@ -250,7 +250,7 @@ impl UpsertState {
             },
             Op::Delete { before, moved_out: _ } => match self.keys.remove(&key) {
                 Some(KeyState::Live { row, since_ms, accrued }) => {
-                    close(key.clone(), row, since_ms, accrued, ts, out);
+                    close(row, since_ms, accrued, ts, out);
                     self.keys.insert(key, KeyState::Gone);
                 }
                 Some(KeyState::Gone) => {
@@ -285,16 +285,16 @@ impl UpsertState {
             Upsert::Read | Upsert::Create => out.push((Delta::Started(row.org.clone()), 1)),
             Upsert::Update => out.push((Delta::Note(Note::UpdateUnseen), 1)),
         }
-        out.push((Delta::Row(key.clone(), row.clone()), 1));
+        out.push((Delta::Running(row.org.clone()), 1));
         self.keys.insert(key, KeyState::Live { row, since_ms, accrued: Money::default() });
     }
 }
 
 /// Removes a live row and bills it up to `end_ms`.
-fn close(key: String, row: Row, since_ms: i64, accrued: Money, end_ms: i64, out: &mut Vec<(Delta, isize)>) {
+fn close(row: Row, since_ms: i64, accrued: Money, end_ms: i64, out: &mut Vec<(Delta, isize)>) {
     let bill = accrued + row.price.times(billable_seconds(since_ms, end_ms));
     out.push((Delta::Billed(row.org.clone(), bill), 1));
-    out.push((Delta::Row(key, row), -1));
+    out.push((Delta::Running(row.org), -1));
 }
 
 fn key_hash(key: &str) -> u64 {
@@ -354,7 +354,7 @@ where
                             state.apply(change, &mut produced);
                             for (delta, diff) in produced.drain(..) {
                                 let (org, usage) = match delta {
-                                    Delta::Row(_key, row) => (row.org, Usage { running: diff as i64, ..Usage::default() }),
+                                    Delta::Running(org) => (org, Usage { running: diff as i64, ..Usage::default() }),
                                     Delta::Started(org) => (org, Usage { started: diff as i64, ..Usage::default() }),
                                     Delta::Billed(org, amount) => (org, Usage { billing: amount.times(diff as i64), ..Usage::default() }),
                                     Delta::Note(note) => {
