@@ -22,7 +22,7 @@ use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::{Broadcast, Filter};
+use timely::dataflow::operators::vec::{Broadcast, Partition};
 use timely::dataflow::operators::{Concat, Exchange as _};
 use timely::dataflow::Stream;
 use timely::order::TotalOrder;
@@ -320,8 +320,10 @@ where
 {
     let state_size = std::rc::Rc::new(std::cell::Cell::new(0));
     let size_out = state_size.clone();
-    let keyed = changes.clone().filter(|c| c.key.is_some()).exchange(|c: &Change| c.key.as_deref().map_or(0, key_hash));
-    let truncates = changes.filter(|c| c.key.is_none()).broadcast();
+    // Partition moves each change to one output; filtering a cloned stream would copy every change.
+    let mut parts = changes.partition(2, |c: Change| (u64::from(c.key.is_none()), c));
+    let truncates = parts.pop().expect("two parts").broadcast();
+    let keyed = parts.pop().expect("two parts").exchange(|c: &Change| c.key.as_deref().map_or(0, key_hash));
     let out = keyed
         .concat(truncates)
         .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<(Out, T, isize)>>, _, _, _>(
