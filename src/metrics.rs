@@ -1,7 +1,7 @@
 //! Prometheus metrics: one registry per process, rendered as text at `/metrics`.
 //! Names are `tally_<area>_<what>`; labels are bounded (topic, partition, reason, view, worker).
 
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
     registry: Registry,
@@ -12,6 +12,8 @@ pub struct Metrics {
     pub dead_lettered: IntCounterVec,
     pub kafka_errors: IntCounterVec,
     pub lag: IntGaugeVec,
+    pub record_age: HistogramVec,
+    pub publish_delay: HistogramVec,
     pub view_as_of: IntGaugeVec,
     pub view_rows: IntGaugeVec,
     pub view_updates: IntCounterVec,
@@ -25,6 +27,14 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition is valid");
     registry.register(Box::new(c.clone())).expect("metric names are unique");
     c
+}
+
+/// Latency buckets from 1 ms to about 33 s, doubling.
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = prometheus::exponential_buckets(0.001, 2.0, 16).expect("static buckets are valid");
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("static metric definition is valid");
+    registry.register(Box::new(h.clone())).expect("metric names are unique");
+    h
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -49,6 +59,18 @@ impl Metrics {
             dead_lettered: counter(&r, "tally_source_dead_letter_total", "Messages written to the dead-letter file", &["topic"]),
             kafka_errors: counter(&r, "tally_source_kafka_errors_total", "Errors reported by the Kafka client", &["topic"]),
             lag: gauge(&r, "tally_source_lag_messages", "High watermark minus next offset to read", &["topic", "partition"]),
+            record_age: histogram(
+                &r,
+                "tally_source_record_age_seconds",
+                "Age of each message when read: wall clock minus its Kafka timestamp (producer or broker clock)",
+                &["topic"],
+            ),
+            publish_delay: histogram(
+                &r,
+                "tally_view_publish_delay_seconds",
+                "From a timestamp closing (the wall-clock tick it ends at) to the view showing it",
+                &["view"],
+            ),
             view_as_of: gauge(&r, "tally_view_as_of_ms", "Closed timestamp the view shows (epoch ms)", &["view"]),
             view_rows: gauge(&r, "tally_view_rows", "Rows in the served view", &["view"]),
             view_updates: counter(&r, "tally_view_updates_total", "Updates applied to the served view", &["view"]),

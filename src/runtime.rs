@@ -161,12 +161,22 @@ pub fn publish<'s, K, R>(
         };
         if changed > 0 || last_as_of != Some(as_of) {
             view.publish(as_of, (changed > 0).then(|| render(&state)));
+            if let (Some(closed_at), true) = (bound, changed > 0) {
+                observe_publish_delay(&metrics, name, closed_at);
+            }
             last_as_of = Some(as_of);
             metrics.view_as_of.with_label_values(&[name]).set(as_of as i64);
             metrics.view_rows.with_label_values(&[name]).set(state.len() as i64);
             metrics.view_updates.with_label_values(&[name]).inc_by(changed);
         }
     });
+}
+
+/// Timestamps are wall-clock epochs: `closed_at` is the tick whose start closed every time before it, so
+/// the wall clock minus it is how long the view took to show a closed timestamp.
+fn observe_publish_delay(metrics: &Metrics, view: &str, closed_at: u64) {
+    let delay_ms = crate::sources::kafka::epoch_now(1).saturating_sub(closed_at);
+    metrics.publish_delay.with_label_values(&[view]).observe(delay_ms as f64 / 1000.0);
 }
 
 fn note_label(n: Note) -> &'static str {
@@ -348,6 +358,9 @@ fn sqlite_sink<'s>(items: VecCollection<'s, u64, SinkItem>, topic: String, path:
                     Ok(body) => {
                         view.publish(as_of, Some(body));
                         metrics.view_as_of.with_label_values(&["aggregated"]).set(as_of as i64);
+                        if let Some(closed_at) = bound {
+                            observe_publish_delay(&metrics, "aggregated", closed_at);
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "reading back the aggregated table failed"),
                 }

@@ -51,6 +51,9 @@ fn captured_stream_gives_the_hand_computed_bill() {
         head.lines().find_map(|l| l.strip_prefix("X-Tally-As-Of: ")).and_then(|v| v.trim().parse().ok()).expect("as-of header");
     assert!(as_of > 1_700_000_000_000, "as-of is an epoch-ms closed timestamp, got {as_of}");
     assert_eq!(tally.metric("tally_source_messages_total{partition=\"0\",topic=\"topic.cloud.instances\"}"), 23.0);
+    // Freshness parts: every message's age when read (all carry a producer timestamp), and each publish.
+    assert_eq!(tally.metric("tally_source_record_age_seconds_count{topic=\"topic.cloud.instances\"}"), 23.0);
+    assert!(tally.metric("tally_view_publish_delay_seconds_count{view=\"usage\"}") >= 1.0);
     let (status, _, health) = tally.get("/health");
     assert_eq!(status, 200);
     assert!(health.contains("\"status\":\"ok\""), "{health}");
