@@ -36,6 +36,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tally::sim::{debezium_records, Ledger, SimEvent, SimRow, Workload};
 use tally::sources::debezium::{DebeziumDecoder, Decoded, Meta};
+use tally::sources::kafka::{client_config, KafkaConfig};
 
 /// The allocator tally itself runs with, so the floor and the engine-only rows compare like with like.
 #[cfg(feature = "mimalloc")]
@@ -78,6 +79,12 @@ struct Args {
     /// Which Python alternatives to run: kafka-python, pathway, bytewax.
     #[arg(long, default_value = "kafka-python,pathway,bytewax")]
     python: String,
+    /// Extra arguments for every tally process, whitespace-separated (e.g. "--kafka-property k=v --tick-ms 10").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    tally_args: String,
+    /// After each drain, keep sampling tally's memory this many seconds with no traffic.
+    #[arg(long, default_value_t = 5.0)]
+    idle_s: f64,
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
     /// Passed by `cargo bench`; ignored.
@@ -224,16 +231,17 @@ fn generate_and_load(a: &Args, schemas: bool, brokers: &str, topic: &str, keep: 
     Loaded { records, n, bytes, produce_s: start.elapsed().as_secs_f64(), expected: ledger.to_json(), workload }
 }
 
+/// A consumer with tally's own librdkafka settings, so the floors read exactly as tally does.
 fn consumer(brokers: &str, topic: &str, partitions: i32) -> BaseConsumer {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "bench-floor")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .set("max.partition.fetch.bytes", "8388608")
-        .set("fetch.queue.backoff.ms", "10")
-        .create()
-        .expect("consumer");
+    let cfg = KafkaConfig {
+        brokers: brokers.into(),
+        topic: topic.into(),
+        group_id: "bench-floor".into(),
+        client_id: "bench-floor".into(),
+        properties: Vec::new(),
+        start_offsets: HashMap::new(),
+    };
+    let c: BaseConsumer = client_config(&cfg).create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
@@ -327,10 +335,11 @@ impl Drop for TallyProc {
     }
 }
 
-fn spawn_tally(brokers: &str, topic: &str, workers: usize, dir: &Path) -> TallyProc {
+fn spawn_tally(brokers: &str, topic: &str, workers: usize, dir: &Path, extra: &str) -> TallyProc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["usage", "--brokers", brokers, "--topic", topic, "-w", &workers.to_string(), "--listen", "127.0.0.1:0"])
         .args(["--dead-letter", dir.join("dead-letter.jsonl").to_str().expect("utf-8 path")])
+        .args(extra.split_whitespace())
         .env("TALLY_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -341,6 +350,43 @@ fn spawn_tally(brokers: &str, topic: &str, workers: usize, dir: &Path) -> TallyP
     std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     let http = line.split("http://").nth(1).and_then(|s| s.split('/').next()).expect("address").to_owned();
     TallyProc { child, http }
+}
+
+/// Samples tally's resident memory and records read every 200 ms until dropped, so memory can be told apart
+/// as following records or time: `seconds,records_read,rss_mb` rows.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(f64, u64, f64)>>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32, http: String) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut rows = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let read = http_get(&http, "/metrics").map_or(0, |m| metric_sum(&m, "tally_source_messages_total{"));
+                if let Some(rss) = status_mb(pid, "VmRSS:") {
+                    rows.push((start.elapsed().as_secs_f64(), read, rss));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            rows
+        });
+        RssSampler { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> Vec<(f64, u64, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().expect("sampler")).unwrap_or_default()
+    }
+}
+
+/// The sum of every sample of a Prometheus metric whose line starts with `prefix`.
+fn metric_sum(text: &str, prefix: &str) -> u64 {
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>() as u64
 }
 
 /// Waits until `GET /` equals `expected`. Returns when that happened and when tally's first message was
@@ -409,7 +455,9 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
             owned
         }
     });
-    let p = ordered();
+    // The probe is sent at once (no linger): its latency is tally's and the broker's, not batching's.
+    let p: ThreadedProducer<DefaultProducerContext> =
+        producer_config(brokers).set("max.in.flight.requests.per.connection", "1").set("linger.ms", "0").create().expect("producer");
     let mut lat = Vec::new();
     let mut missed = 0;
     let phase = Instant::now();
@@ -434,7 +482,7 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
                 missed += 1;
                 break;
             }
-            std::thread::sleep(Duration::from_micros(500));
+            std::thread::sleep(Duration::from_millis(1));
         }
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_millis(20));
@@ -546,19 +594,28 @@ fn main() {
         let mut max_rate = HashMap::new();
         for &w in &workers {
             let start = Instant::now();
-            let t = spawn_tally(&broker.0, topic, w, &dir);
+            let t = spawn_tally(&broker.0, topic, w, &dir, &a.tally_args);
+            let sampler = RssSampler::start(t.child.id(), t.http.clone());
             let done = wait_equal(&t.http, &expected, Duration::from_secs(900));
             let ok = done.is_some();
             let (first, end) = done.unwrap_or((start, Instant::now()));
             let s = (end - first).as_secs_f64();
             let rss = peak_rss_mb(t.child.id());
             let now = status_mb(t.child.id(), "VmRSS:").unwrap_or(0.0);
+            std::thread::sleep(Duration::from_secs_f64(a.idle_s));
+            let idle = status_mb(t.child.id(), "VmRSS:").unwrap_or(0.0);
+            let samples = sampler.finish();
+            let csv: String = std::iter::once("seconds,records_read,rss_mb\n".to_owned())
+                .chain(samples.iter().map(|(t, r, m)| format!("{t:.1},{r},{m:.1}\n")))
+                .collect();
+            std::fs::write(a.out.join(format!("rss-schemas-{mode}-w{w}.csv")), csv).expect("write rss samples");
             eprintln!("bench: tally -w {w}: {:.0}/s, peak RSS {:.0} MB (now {now:.0} MB), agrees {ok}", n as f64 / s, rss.unwrap_or(0.0));
             rows.push(row(&format!("tally -w {w} (end to end)"), w, s, rss, Some(ok)));
             notes.push(format!(
-                "schemas {mode}, tally -w {w}: {:.0} ms from process start to its first message counted; {:.0} records/s counting that too; RSS {now:.0} MB once drained",
+                "schemas {mode}, tally -w {w}: {:.0} ms from process start to its first message counted; {:.0} records/s counting that too; RSS {now:.0} MB once drained, {idle:.0} MB after {:.0} s idle (samples: rss-schemas-{mode}-w{w}.csv)",
                 (first - start).as_secs_f64() * 1e3,
-                n as f64 / (end - start).as_secs_f64()
+                n as f64 / (end - start).as_secs_f64(),
+                a.idle_s
             ));
             max_rate.insert(w, n as f64 / s);
         }
@@ -610,7 +667,7 @@ fn main() {
         // Freshness last: its traffic extends the topic the drain measurements above read.
         let target = Target { brokers: &broker.0, topic, partitions: a.partitions, schemas };
         for &w in &workers {
-            let t = spawn_tally(&broker.0, topic, w, &dir);
+            let t = spawn_tally(&broker.0, topic, w, &dir, &a.tally_args);
             if !catch_up(&target, &t.http, &format!("sync-{w}"), workload.ts_s) {
                 notes.push(format!("freshness -w {w}: tally never caught up"));
                 continue;
