@@ -60,6 +60,25 @@ fn captured_stream_gives_the_hand_computed_bill() {
     assert!(tally.get("/ui").2.contains("<table"));
 }
 
+/// A primary-key change (id 42 -> 44) is a delete carrying `__debezium.newkey`, its tombstone, and a
+/// create carrying `__debezium.oldkey`: the headers must survive the broker, or the move would count as a
+/// new instance started.
+#[test]
+fn primary_key_change_headers_cross_kafka_and_keep_the_instance_running() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 1);
+    let records: Vec<_> = capture_records(&common::fixtures().join("v2.7/extras/stream.jsonl"), TOPIC, |_| 0).into_iter().take(3).collect();
+    assert_eq!(records.iter().map(|r| r.headers.len()).collect::<Vec<_>>(), [1, 1, 1], "fixture: delete, tombstone, create");
+    produce(&broker, TOPIC, &records);
+    let dir = common::temp_dir("pk-change");
+    let dl = dir.join("dl.jsonl");
+    let tally = Tally::spawn(&usage_args(&broker, "1", dl.to_str().unwrap()));
+    // The delete of a row never seen bills its before image: 1234/s from 2024-04-30T10:45:12Z (1714473912)
+    // to the delete at 1714572600, 98,688 s. The moved row then runs on without a second start.
+    let expected = serde_json::json!({"c2d9e8f7-6a5b-4c3d-9e1f-0a2b3c4d5e6f": {"started": 0, "running": 1, "billing": 121_780_992}});
+    tally.wait_for_json("/", &expected, WAIT);
+}
+
 #[test]
 fn captured_stream_over_four_partitions_with_two_workers_and_redelivery() {
     let broker = Broker::start();

@@ -140,7 +140,8 @@ pub fn produce_to(addr: &str, topic: &str, records: &[Rec]) {
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
-/// Lines of a `.jsonl` capture as records (topic filter applied), with partition chosen by `partition`.
+/// Lines of a `.jsonl` capture as records with their headers (topic filter applied), with partition chosen by
+/// `partition`.
 pub fn capture_records(path: &Path, topic: &str, partition: impl Fn(&serde_json::Value) -> i32) -> Vec<Rec> {
     std::fs::read_to_string(path)
         .expect("read capture")
@@ -151,7 +152,12 @@ pub fn capture_records(path: &Path, topic: &str, partition: impl Fn(&serde_json:
             partition: partition(&v),
             key: v["key"].as_str().map(|s| s.as_bytes().to_vec()),
             value: v["value"].as_str().map(|s| s.as_bytes().to_vec()),
-            headers: Vec::new(),
+            headers: v["headers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|h| (h["key"].as_str().expect("header key").to_owned(), h["value"].as_str().unwrap_or_default().to_owned()))
+                .collect(),
         })
         .collect()
 }
