@@ -4,17 +4,21 @@
 //!
 //!   cargo bench --bench event_rate -- [--events N] [--running N] [--orgs N] [--updates F] [--workers 1,2]
 //!                                     [--schemas on,off] [--rates 0.1,0.25,0.5] [--skip-python] [--skip-engine]
-//!                                     [--python kafka-python,pathway,bytewax] [--out DIR]
+//!                                     [--python kafka-python,pathway,bytewax] [--repeat 3] [--idle-s 5]
+//!                                     [--tally-args "..."] [--out DIR]
 //!
+//! The floors and tally's drains run `--repeat` times, interleaved, and report the median run.
 //! Measures, per schema setting: producing into the broker; the broker's own consume rate (no parsing);
 //! the parse-and-count floor (rdkafka + tally's typed decoder + the upsert logic in a HashMap, no
 //! dataflow); tally end to end for each worker count (drain: its first message read until `GET /` equals
-//! the ledger, as the other consumers are timed from their first poll; peak RSS; freshness p50/p99 at fixed offered rates); tally's engine alone (decoded changes fed
+//! the ledger, as the other consumers are timed from their first poll; peak RSS and RSS sampled every 200 ms;
+//! freshness p50/p99 at fixed offered rates); tally's engine alone (decoded changes fed
 //! straight into the dataflow) and decoding alone; and, unless `--skip-python`, the alternatives a user
 //! would weigh, each computing the same three numbers (scripts/bench-deps installs them): the spec's
 //! stack (a kafka-python consumer, timed from its first poll), Pathway (timed over `pw.run`, static mode)
 //! and Bytewax (timed over `run_main`, tail=False). Each reports its own peak RSS.
-//! Writes `results.md`, `results.csv` and (with matplotlib) `throughput.png`, `freshness.png` to `--out`.
+//! Writes `results.md`, `results.csv`, `rss-*.csv` and (with matplotlib) `throughput.png`, `freshness.png`,
+//! `memory.png` to `--out`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -82,6 +86,9 @@ struct Args {
     /// Extra arguments for every tally process, whitespace-separated (e.g. "--kafka-property k=v --tick-ms 10").
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     tally_args: String,
+    /// Timed drains of the floors and of tally per worker count, interleaved; rows report the median.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// After each drain, keep sampling tally's memory this many seconds with no traffic.
     #[arg(long, default_value_t = 5.0)]
     idle_s: f64,
@@ -517,6 +524,46 @@ fn catch_up(target: &Target<'_>, http: &str, tag: &str, ts: i64) -> bool {
     false
 }
 
+/// One timed drain of the whole topic by a fresh tally process.
+struct Drain {
+    /// From its first message counted to `GET /` equal to the ledger.
+    secs: f64,
+    /// From process start to its first message counted.
+    startup_s: f64,
+    peak_mb: Option<f64>,
+    drained_mb: f64,
+    idle_mb: f64,
+    ok: bool,
+    samples: Vec<(f64, u64, f64)>,
+}
+
+fn drain_tally(a: &Args, brokers: &str, topic: &str, workers: usize, dir: &Path, expected: &serde_json::Value) -> Drain {
+    let start = Instant::now();
+    let t = spawn_tally(brokers, topic, workers, dir, &a.tally_args);
+    let sampler = RssSampler::start(t.child.id(), t.http.clone());
+    let done = wait_equal(&t.http, expected, Duration::from_secs(900));
+    let (first, end) = done.unwrap_or((start, Instant::now()));
+    let peak_mb = peak_rss_mb(t.child.id());
+    let drained_mb = status_mb(t.child.id(), "VmRSS:").unwrap_or(0.0);
+    std::thread::sleep(Duration::from_secs_f64(a.idle_s));
+    let idle_mb = status_mb(t.child.id(), "VmRSS:").unwrap_or(0.0);
+    Drain {
+        secs: (end - first).as_secs_f64(),
+        startup_s: (first - start).as_secs_f64(),
+        peak_mb,
+        drained_mb,
+        idle_mb,
+        ok: done.is_some(),
+        samples: sampler.finish(),
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// tally's dataflow alone: decoded changes fed straight in (round-robin over workers by key), until done.
 fn engine_only(changes: Arc<Vec<Change>>, workers: usize, expected: &serde_json::Value) -> (f64, bool) {
     use timely::dataflow::operators::Input;
@@ -583,41 +630,58 @@ fn main() {
             rss_mb,
             agrees,
         };
-        let s = broker_floor(&broker.0, topic, a.partitions, n);
-        eprintln!("bench: broker consume {:.0}/s", n as f64 / s);
-        rows.push(row("broker consume (no parsing)", 1, s, None, None));
-        let (s, got) = parse_and_count_floor(&broker.0, topic, a.partitions, n);
-        eprintln!("bench: parse-and-count floor {:.0}/s", n as f64 / s);
-        rows.push(row("parse-and-count floor (rdkafka+serde+HashMap)", 1, s, None, Some(got == expected)));
         let dir = std::env::temp_dir().join(format!("tally-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmp");
+        // Drains repeat, interleaved (floors, then each worker count), so that a slow moment of the machine
+        // does not land on one system only; each row is the median run, every run is in the notes.
+        let (mut consume, mut floor, mut floor_ok) = (Vec::new(), Vec::new(), true);
+        let mut drains: BTreeMap<usize, Vec<Drain>> = BTreeMap::new();
+        for run in 0..a.repeat.max(1) {
+            consume.push(broker_floor(&broker.0, topic, a.partitions, n));
+            let (s, got) = parse_and_count_floor(&broker.0, topic, a.partitions, n);
+            floor.push(s);
+            floor_ok &= got == expected;
+            eprintln!("bench: run {run}: broker consume {:.0}/s, parse-and-count floor {:.0}/s", n as f64 / consume[run], n as f64 / s);
+            for &w in &workers {
+                let d = drain_tally(&a, &broker.0, topic, w, &dir, &expected);
+                eprintln!(
+                    "bench: run {run}: tally -w {w}: {:.0}/s, peak RSS {:.0} MB, agrees {}",
+                    n as f64 / d.secs,
+                    d.peak_mb.unwrap_or(0.0),
+                    d.ok
+                );
+                drains.entry(w).or_default().push(d);
+            }
+        }
+        let per_s = |secs: &[f64]| secs.iter().map(|s| format!("{:.0}", n as f64 / s)).collect::<Vec<_>>().join(", ");
+        notes.push(format!(
+            "schemas {mode}: broker consume runs {} records/s; parse-and-count floor runs {}",
+            per_s(&consume),
+            per_s(&floor)
+        ));
+        rows.push(row("broker consume (no parsing)", 1, median(&consume), None, None));
+        rows.push(row("parse-and-count floor (rdkafka+serde+HashMap)", 1, median(&floor), None, Some(floor_ok)));
         let mut max_rate = HashMap::new();
-        for &w in &workers {
-            let start = Instant::now();
-            let t = spawn_tally(&broker.0, topic, w, &dir, &a.tally_args);
-            let sampler = RssSampler::start(t.child.id(), t.http.clone());
-            let done = wait_equal(&t.http, &expected, Duration::from_secs(900));
-            let ok = done.is_some();
-            let (first, end) = done.unwrap_or((start, Instant::now()));
-            let s = (end - first).as_secs_f64();
-            let rss = peak_rss_mb(t.child.id());
-            let now = status_mb(t.child.id(), "VmRSS:").unwrap_or(0.0);
-            std::thread::sleep(Duration::from_secs_f64(a.idle_s));
-            let idle = status_mb(t.child.id(), "VmRSS:").unwrap_or(0.0);
-            let samples = sampler.finish();
+        for (w, mut runs) in drains {
+            let all = per_s(&runs.iter().map(|d| d.secs).collect::<Vec<_>>());
+            let peak = runs.iter().filter_map(|d| d.peak_mb).reduce(f64::max);
+            let ok = runs.iter().all(|d| d.ok);
+            runs.sort_by(|x, y| x.secs.total_cmp(&y.secs));
+            let mid = runs.swap_remove(runs.len() / 2);
             let csv: String = std::iter::once("seconds,records_read,rss_mb\n".to_owned())
-                .chain(samples.iter().map(|(t, r, m)| format!("{t:.1},{r},{m:.1}\n")))
+                .chain(mid.samples.iter().map(|(t, r, m)| format!("{t:.1},{r},{m:.1}\n")))
                 .collect();
             std::fs::write(a.out.join(format!("rss-schemas-{mode}-w{w}.csv")), csv).expect("write rss samples");
-            eprintln!("bench: tally -w {w}: {:.0}/s, peak RSS {:.0} MB (now {now:.0} MB), agrees {ok}", n as f64 / s, rss.unwrap_or(0.0));
-            rows.push(row(&format!("tally -w {w} (end to end)"), w, s, rss, Some(ok)));
+            rows.push(row(&format!("tally -w {w} (end to end)"), w, mid.secs, peak, Some(ok)));
             notes.push(format!(
-                "schemas {mode}, tally -w {w}: {:.0} ms from process start to its first message counted; {:.0} records/s counting that too; RSS {now:.0} MB once drained, {idle:.0} MB after {:.0} s idle (samples: rss-schemas-{mode}-w{w}.csv)",
-                (first - start).as_secs_f64() * 1e3,
-                n as f64 / (end - start).as_secs_f64(),
+                "schemas {mode}, tally -w {w}: runs {all} records/s; peak RSS is the highest of the runs. Median run: {:.0} ms from process start to its first message counted, {:.0} records/s counting that too, RSS {:.0} MB once drained and {:.0} MB after {:.0} s idle (samples: rss-schemas-{mode}-w{w}.csv)",
+                mid.startup_s * 1e3,
+                n as f64 / (mid.secs + mid.startup_s),
+                mid.drained_mb,
+                mid.idle_mb,
                 a.idle_s
             ));
-            max_rate.insert(w, n as f64 / s);
+            max_rate.insert(w, n as f64 / mid.secs);
         }
         // Engine only, and decoding only: decode every record once (timed), then feed the dataflow.
         if !a.skip_engine {
@@ -721,10 +785,11 @@ fn dirs_python() -> String {
 fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
     let mut csv = String::from("kind,system,schemas,workers,records,seconds,records_per_s,ratio_to_tally,peak_rss_mb,agrees,offered_per_s,achieved_per_s,p50_ms,p99_ms\n");
     let mut md = format!(
-        "# tally event-rate benchmark\n\nOne run, one machine ({} cores), one broker (scripts/broker), the same events for every system.\n\
+        "# tally event-rate benchmark\n\nOne run, one machine ({} cores), one broker (scripts/broker), the same events for every system. Floors and tally drains: the median of {} interleaved runs (every run in the notes).\n\
          Workload: {} change events ({} running rows, {} organizations, {:.0}% price updates, deletes with tombstones), {} partitions.\n\
          Ratio = records/s divided by tally's end-to-end records/s with the same schema setting and `-w 1`.\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        a.repeat.max(1),
         a.events,
         a.running,
         a.orgs,

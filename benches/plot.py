@@ -1,4 +1,4 @@
-"""Plots results.csv from the event-rate benchmark: throughput.png and freshness.png in the same folder."""
+"""Plots results.csv from the event-rate benchmark: throughput.png, freshness.png and memory.png (from rss-*.csv)."""
 import csv
 import sys
 from pathlib import Path
@@ -41,3 +41,17 @@ if fr:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "freshness.png", dpi=110)
+
+rss = sorted(out.glob("rss-*.csv"))
+if rss:
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for path in rss:
+        samples = list(csv.DictReader(open(path)))
+        ax.plot([int(s["records_read"]) for s in samples], [float(s["rss_mb"]) for s in samples], marker=".", label=path.stem[4:])
+    ax.set_xlabel("records read")
+    ax.set_ylabel("tally RSS (MB), sampled every 200 ms")
+    ax.set_ylim(bottom=0)
+    ax.set_title("memory while draining")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=110)
