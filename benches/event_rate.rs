@@ -33,10 +33,10 @@ use clap::Parser;
 use dataflows::usage::{Change, Delta, UpsertState, Usage};
 use differential_dataflow::difference::Semigroup;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tally::sim::{debezium_records, Ledger, SimEvent, SimRow, Workload};
 use tally::sources::debezium::{DebeziumDecoder, Decoded, Meta};
@@ -139,9 +139,16 @@ struct Fresh {
     schemas: String,
     workers: usize,
     offered: f64,
-    achieved: f64,
+    handed: f64,
+    delivered: f64,
     p50_ms: f64,
     p99_ms: f64,
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
+    after_p50_ms: f64,
+    after_p99_ms: f64,
+    /// From tally's histogram over the phase (a bucket's upper bound): timestamp closed -> view shows it.
+    publish_p99_ms: f64,
 }
 
 type Records = Vec<(i32, String, Option<String>)>;
@@ -176,7 +183,12 @@ fn producer_config(brokers: &str) -> ClientConfig {
     c
 }
 
-fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, partitions: i32, (part, k, v): &(i32, String, Option<String>)) {
+fn send<C: ProducerContext<DeliveryOpaque = ()> + 'static>(
+    p: &ThreadedProducer<C>,
+    topic: &str,
+    partitions: i32,
+    (part, k, v): &(i32, String, Option<String>),
+) {
     let mut rec = BaseRecord::<String, String>::to(topic).key(k).partition(part % partitions);
     if let Some(v) = v {
         rec = rec.payload(v);
@@ -396,6 +408,41 @@ fn metric_sum(text: &str, prefix: &str) -> u64 {
     text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>() as u64
 }
 
+/// The change of a Prometheus histogram between two scrapes: cumulative counts per bucket upper bound.
+struct Histogram(Vec<(f64, f64)>);
+
+impl Histogram {
+    fn buckets(text: &str, name: &str) -> BTreeMap<u64, f64> {
+        let prefix = format!("{name}_bucket{{");
+        let mut out = BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+            let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+            let count = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok());
+            if let (Some(le), Some(count)) = (le, count) {
+                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+                *out.entry(bound.to_bits()).or_default() += count;
+            }
+        }
+        out
+    }
+
+    fn between(before: &str, after: &str, name: &str) -> Histogram {
+        let (b, a) = (Self::buckets(before, name), Self::buckets(after, name));
+        let mut v: Vec<(f64, f64)> = a.iter().map(|(le, n)| (f64::from_bits(*le), n - b.get(le).copied().unwrap_or(0.0))).collect();
+        v.sort_by(|x, y| x.0.total_cmp(&y.0));
+        Histogram(v)
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (NaN without observations).
+    fn quantile(&self, q: f64) -> f64 {
+        let total = self.0.last().map_or(0.0, |b| b.1);
+        if total <= 0.0 {
+            return f64::NAN;
+        }
+        self.0.iter().find(|(_, n)| *n >= q * total).map_or(f64::NAN, |b| b.0)
+    }
+}
+
 /// Waits until `GET /` equals `expected`. Returns when that happened and when tally's first message was
 /// counted in /metrics (the source counts each poll batch as it ends: at most 5 ms after its first poll).
 fn wait_equal(http: &str, expected: &serde_json::Value, limit: Duration) -> Option<(Instant, Instant)> {
@@ -420,27 +467,57 @@ fn wait_equal(http: &str, expected: &serde_json::Value, limit: Duration) -> Opti
     None
 }
 
-/// Freshness at an offered rate: background workload traffic at `rate` events/s, and one probe at a time
-/// (a deploy for a new organization); latency = from handing the probe to the producer until `GET /` shows it.
-/// Returns (achieved background rate, p50 ms, p99 ms, probes never seen within 10 s).
-fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64, probes: usize) -> (f64, f64, f64, usize) {
+/// Records when the broker acknowledged the last record sent through this producer.
+struct AckClock(Arc<Mutex<Option<Instant>>>);
+impl ClientContext for AckClock {}
+impl ProducerContext for AckClock {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_ok() {
+            *self.0.lock().expect("lock") = Some(Instant::now());
+        }
+    }
+}
+
+/// One freshness phase.
+struct Phase {
+    /// Background records handed to the producer per second, and those the broker had acknowledged by the
+    /// phase's end per second (the rest were still queued in the producer: the generator fell behind).
+    handed: f64,
+    delivered: f64,
+    /// Probe latencies (ms): handed to the producer -> visible in `GET /`; -> acknowledged by the broker;
+    /// acknowledged -> visible (tally's fetch, tick and publish, plus the 1 ms polling).
+    total: Vec<f64>,
+    ack: Vec<f64>,
+    after_ack: Vec<f64>,
+    missed: usize,
+}
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// Freshness at an offered rate: background workload traffic at `rate` records/s, and one probe at a time
+/// (a deploy for a new organization), timed from handing it to the producer until `GET /` shows it, with the
+/// broker's acknowledgement in between.
+fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64, probes: usize) -> Phase {
     let Target { brokers, topic, partitions, schemas } = *target;
     let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(Mutex::new(0usize));
     // Probes go to their own partition (the topic has one past the workload's) through their own producer:
     // behind the background producer's backlog, a probe measured the load generator, not tally; and on a
     // shared partition a probe's binlog position could overtake background events, which tally then drops
     // as re-deliveries. One request in flight keeps each producer's records in position order on retries.
-    let ordered = || -> ThreadedProducer<DefaultProducerContext> {
-        producer_config(brokers).set("max.in.flight.requests.per.connection", "1").create().expect("producer")
-    };
+    let bg_producer: ThreadedProducer<DefaultProducerContext> =
+        producer_config(brokers).set("max.in.flight.requests.per.connection", "1").create().expect("producer");
     // The background thread generates as it sends (holding a phase of 2.4 KB records at 200k/s ran the
-    // machine out of memory) and hands the workload back at the end.
+    // machine out of memory) and hands the workload back at the end, with (handed, delivered) counts.
     let probe_ts = workload.ts_s;
     let mut owned = std::mem::replace(workload, Workload::new(0, 1, 1, 0.0, 1));
-    let bg_producer = ordered();
     let bg = std::thread::spawn({
-        let (stop, sent, topic, p) = (stop.clone(), sent.clone(), topic.to_owned(), bg_producer);
+        let (stop, topic, p) = (stop.clone(), topic.to_owned(), bg_producer);
         move || {
             let start = Instant::now();
             let mut i = 0usize;
@@ -456,17 +533,20 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
                     send(&p, &topic, partitions, &((id % 4) as i32, k, v));
                     i += 1;
                 }
-                *sent.lock().expect("lock") = i;
             }
-            p.flush(Duration::from_secs(30)).ok();
-            owned
+            let delivered = i.saturating_sub(p.in_flight_count().max(0) as usize);
+            p.flush(Duration::from_secs(60)).ok();
+            (owned, i, delivered)
         }
     });
     // The probe is sent at once (no linger): its latency is tally's and the broker's, not batching's.
-    let p: ThreadedProducer<DefaultProducerContext> =
-        producer_config(brokers).set("max.in.flight.requests.per.connection", "1").set("linger.ms", "0").create().expect("producer");
-    let mut lat = Vec::new();
-    let mut missed = 0;
+    let acked = Arc::new(Mutex::new(None));
+    let p: ThreadedProducer<AckClock> = producer_config(brokers)
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("linger.ms", "0")
+        .create_with_context(AckClock(acked.clone()))
+        .expect("producer");
+    let (mut total, mut ack, mut after_ack, mut missed) = (Vec::new(), Vec::new(), Vec::new(), 0);
     let phase = Instant::now();
     for k in 0..probes {
         let org = format!("probe-{:.0}-{k:04}", rate);
@@ -478,29 +558,47 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
             started_s: probe_ts,
         };
         let rec = debezium_records(&SimEvent::Deploy(row.clone()), probe_ts, next_pos(), schemas).remove(0);
+        *acked.lock().expect("lock") = None;
         let t0 = Instant::now();
         send(&p, topic, partitions + 1, &(partitions, rec.0, rec.1));
         p.flush(Duration::from_secs(0)).ok();
-        loop {
+        let seen = loop {
             if http_get(http, "/").is_some_and(|b| b.contains(&org)) {
-                break;
+                break Some(Instant::now());
             }
             if t0.elapsed() > Duration::from_secs(10) {
                 missed += 1;
-                break;
+                break None;
             }
             std::thread::sleep(Duration::from_millis(1));
+        };
+        let seen = seen.unwrap_or_else(Instant::now);
+        total.push((seen - t0).as_secs_f64() * 1e3);
+        // The delivery report can trail the view by the producer thread's poll; wait for it briefly.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let acked_at = loop {
+            if let Some(at) = *acked.lock().expect("lock") {
+                break Some(at);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if let Some(at) = acked_at {
+            ack.push((at - t0).as_secs_f64() * 1e3);
+            after_ack.push(seen.saturating_duration_since(at).as_secs_f64() * 1e3);
         }
-        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_millis(20));
     }
     let elapsed = phase.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    *workload = bg.join().expect("background producer");
-    let achieved = *sent.lock().expect("lock") as f64 / elapsed;
-    lat.sort_by(f64::total_cmp);
-    let pct = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
-    (achieved, pct(0.5), pct(0.99), missed)
+    let (owned, handed, delivered) = bg.join().expect("background producer");
+    *workload = owned;
+    for v in [&mut total, &mut ack, &mut after_ack] {
+        v.sort_by(f64::total_cmp);
+    }
+    Phase { handed: handed as f64 / elapsed, delivered: delivered as f64 / elapsed, total, ack, after_ack, missed }
 }
 
 /// Waits until tally has read every partition to its end: one marker deploy per partition, all visible.
@@ -738,12 +836,32 @@ fn main() {
             }
             for &f in &rates {
                 let rate = max_rate[&w] * f;
-                let (achieved, p50, p99, missed) = freshness(&target, &t.http, &mut workload, rate, a.probes);
-                if missed > 0 {
-                    notes.push(format!("freshness schemas {mode} -w {w} at {rate:.0}/s: {missed} probes never showed within 10 s"));
+                let before = http_get(&t.http, "/metrics").unwrap_or_default();
+                let ph = freshness(&target, &t.http, &mut workload, rate, a.probes);
+                let after = http_get(&t.http, "/metrics").unwrap_or_default();
+                let publish = Histogram::between(&before, &after, "tally_view_publish_delay_seconds");
+                if ph.missed > 0 {
+                    notes.push(format!("freshness schemas {mode} -w {w} at {rate:.0}/s: {} probes never showed within 10 s", ph.missed));
                 }
-                eprintln!("bench: freshness -w {w} at {rate:.0}/s offered ({achieved:.0}/s achieved): p50 {p50:.1} ms, p99 {p99:.1} ms");
-                fresh.push(Fresh { schemas: mode.into(), workers: w, offered: rate, achieved, p50_ms: p50, p99_ms: p99 });
+                let x = Fresh {
+                    schemas: mode.into(),
+                    workers: w,
+                    offered: rate,
+                    handed: ph.handed,
+                    delivered: ph.delivered,
+                    p50_ms: pct(&ph.total, 0.5),
+                    p99_ms: pct(&ph.total, 0.99),
+                    ack_p50_ms: pct(&ph.ack, 0.5),
+                    ack_p99_ms: pct(&ph.ack, 0.99),
+                    after_p50_ms: pct(&ph.after_ack, 0.5),
+                    after_p99_ms: pct(&ph.after_ack, 0.99),
+                    publish_p99_ms: publish.quantile(0.99) * 1e3,
+                };
+                eprintln!(
+                    "bench: freshness -w {w} at {rate:.0}/s offered ({:.0}/s delivered): p50 {:.1} ms, p99 {:.1} ms (broker ack p99 {:.1} ms)",
+                    x.delivered, x.p50_ms, x.p99_ms, x.ack_p99_ms
+                );
+                fresh.push(x);
             }
         }
     }
@@ -783,7 +901,7 @@ fn dirs_python() -> String {
 }
 
 fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
-    let mut csv = String::from("kind,system,schemas,workers,records,seconds,records_per_s,ratio_to_tally,peak_rss_mb,agrees,offered_per_s,achieved_per_s,p50_ms,p99_ms\n");
+    let mut csv = String::from("kind,system,schemas,workers,records,seconds,records_per_s,ratio_to_tally,peak_rss_mb,agrees,offered_per_s,handed_per_s,acknowledged_per_s,p50_ms,p99_ms,ack_p50_ms,ack_p99_ms,after_ack_p50_ms,after_ack_p99_ms,publish_delay_p99_ms_le\n");
     let mut md = format!(
         "# tally event-rate benchmark\n\nOne run, one machine ({} cores), one broker (scripts/broker), the same events for every system. Floors and tally drains: the median of {} interleaved runs (every run in the notes).\n\
          Workload: {} change events ({} running rows, {} organizations, {:.0}% price updates, deletes with tombstones), {} partitions.\n\
@@ -831,15 +949,43 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
         md.push('\n');
         let f: Vec<&Fresh> = fresh.iter().filter(|f| f.schemas == mode).collect();
         if !f.is_empty() {
-            md.push_str("Freshness (a probe event handed to the producer until `GET /` shows it; one probe at a time over background traffic):\n\n| workers | offered records/s | achieved | p50 | p99 |\n|---:|---:|---:|---:|---:|\n");
+            md.push_str(
+                "Freshness: one probe at a time over background traffic, from handing it to the producer until `GET /` shows it, \
+                 and its two parts: until the broker acknowledged it, and from then until visible (tally's fetch, the tick, publishing, \
+                 and the 1 ms polling). Background rate offered, handed to the producer, and acknowledged by the broker by the \
+                 phase's end (the rest was still queued in the generator). Publish delay: tally's own histogram (bucket bound).\n\n\
+                 | workers | offered /s | handed /s | acknowledged /s | p50 | p99 | broker ack p50 / p99 | ack -> visible p50 / p99 | publish delay p99 |\n\
+                 |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            );
             for x in f {
                 md.push_str(&format!(
-                    "| {} | {:.0} | {:.0} | {:.1} ms | {:.1} ms |\n",
-                    x.workers, x.offered, x.achieved, x.p50_ms, x.p99_ms
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | ≤ {:.0} ms |\n",
+                    x.workers,
+                    x.offered,
+                    x.handed,
+                    x.delivered,
+                    x.p50_ms,
+                    x.p99_ms,
+                    x.ack_p50_ms,
+                    x.ack_p99_ms,
+                    x.after_p50_ms,
+                    x.after_p99_ms,
+                    x.publish_p99_ms
                 ));
                 csv.push_str(&format!(
-                    "freshness,tally,{},{},,,,,,,{:.0},{:.0},{:.2},{:.2}\n",
-                    x.schemas, x.workers, x.offered, x.achieved, x.p50_ms, x.p99_ms
+                    "freshness,tally,{},{},,,,,,,{:.0},{:.0},{:.0},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.0}\n",
+                    x.schemas,
+                    x.workers,
+                    x.offered,
+                    x.handed,
+                    x.delivered,
+                    x.p50_ms,
+                    x.p99_ms,
+                    x.ack_p50_ms,
+                    x.ack_p99_ms,
+                    x.after_p50_ms,
+                    x.after_p99_ms,
+                    x.publish_p99_ms
                 ));
             }
             md.push('\n');
