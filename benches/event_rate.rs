@@ -149,6 +149,24 @@ struct Fresh {
     after_p99_ms: f64,
     /// From tally's histogram over the phase (a bucket's upper bound): timestamp closed -> view shows it.
     publish_p99_ms: f64,
+    /// Over the phase: the machine's busy share of all its cores, and the cores tally used.
+    machine_busy: f64,
+    tally_cores: f64,
+}
+
+/// Busy and total jiffies of the whole machine (/proc/stat), and a process's user+system jiffies.
+fn cpu_jiffies(pid: u32) -> (u64, u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let own = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from the state: utime and stime are the 12th and 13th.
+    let after = own.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let proc_j = field(11) + field(12);
+    (total - idle, total, proc_j)
 }
 
 type Records = Vec<(i32, String, Option<String>)>;
@@ -837,8 +855,14 @@ fn main() {
             for &f in &rates {
                 let rate = max_rate[&w] * f;
                 let before = http_get(&t.http, "/metrics").unwrap_or_default();
+                let (busy0, total0, own0) = cpu_jiffies(t.child.id());
+                let phase_start = Instant::now();
                 let ph = freshness(&target, &t.http, &mut workload, rate, a.probes);
                 let after = http_get(&t.http, "/metrics").unwrap_or_default();
+                let (busy1, total1, own1) = cpu_jiffies(t.child.id());
+                let ticks_per_s = 100.0; // USER_HZ on Linux
+                let tally_cores = (own1 - own0) as f64 / ticks_per_s / phase_start.elapsed().as_secs_f64();
+                let machine_busy = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
                 let publish = Histogram::between(&before, &after, "tally_view_publish_delay_seconds");
                 if ph.missed > 0 {
                     notes.push(format!("freshness schemas {mode} -w {w} at {rate:.0}/s: {} probes never showed within 10 s", ph.missed));
@@ -856,10 +880,17 @@ fn main() {
                     after_p50_ms: pct(&ph.after_ack, 0.5),
                     after_p99_ms: pct(&ph.after_ack, 0.99),
                     publish_p99_ms: publish.quantile(0.99) * 1e3,
+                    machine_busy,
+                    tally_cores,
                 };
                 eprintln!(
-                    "bench: freshness -w {w} at {rate:.0}/s offered ({:.0}/s delivered): p50 {:.1} ms, p99 {:.1} ms (broker ack p99 {:.1} ms)",
-                    x.delivered, x.p50_ms, x.p99_ms, x.ack_p99_ms
+                    "bench: freshness -w {w} at {rate:.0}/s offered ({:.0}/s delivered): p50 {:.1} ms, p99 {:.1} ms (broker ack p99 {:.1} ms); machine {:.0}% busy, tally {:.2} cores",
+                    x.delivered,
+                    x.p50_ms,
+                    x.p99_ms,
+                    x.ack_p99_ms,
+                    x.machine_busy * 100.0,
+                    x.tally_cores
                 );
                 fresh.push(x);
             }
@@ -901,7 +932,7 @@ fn dirs_python() -> String {
 }
 
 fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
-    let mut csv = String::from("kind,system,schemas,workers,records,seconds,records_per_s,ratio_to_tally,peak_rss_mb,agrees,offered_per_s,handed_per_s,acknowledged_per_s,p50_ms,p99_ms,ack_p50_ms,ack_p99_ms,after_ack_p50_ms,after_ack_p99_ms,publish_delay_p99_ms_le\n");
+    let mut csv = String::from("kind,system,schemas,workers,records,seconds,records_per_s,ratio_to_tally,peak_rss_mb,agrees,offered_per_s,handed_per_s,acknowledged_per_s,p50_ms,p99_ms,ack_p50_ms,ack_p99_ms,after_ack_p50_ms,after_ack_p99_ms,publish_delay_p99_ms_le,machine_busy,tally_cores\n");
     let mut md = format!(
         "# tally event-rate benchmark\n\nOne run, one machine ({} cores), one broker (scripts/broker), the same events for every system. Floors and tally drains: the median of {} interleaved runs (every run in the notes).\n\
          Workload: {} change events ({} running rows, {} organizations, {:.0}% price updates, deletes with tombstones), {} partitions.\n\
@@ -953,13 +984,14 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
                 "Freshness: one probe at a time over background traffic, from handing it to the producer until `GET /` shows it, \
                  and its two parts: until the broker acknowledged it, and from then until visible (tally's fetch, the tick, publishing, \
                  and the 1 ms polling). Background rate offered, handed to the producer, and acknowledged by the broker by the \
-                 phase's end (the rest was still queued in the generator). Publish delay: tally's own histogram (bucket bound).\n\n\
-                 | workers | offered /s | handed /s | acknowledged /s | p50 | p99 | broker ack p50 / p99 | ack -> visible p50 / p99 | publish delay p99 |\n\
-                 |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+                 phase's end (the rest was still queued in the generator). Publish delay: tally's own histogram (bucket bound). \
+                 CPU over the phase: the machine's busy share of all cores (generator, broker and tally share them), and tally's cores.\n\n\
+                 | workers | offered /s | handed /s | acknowledged /s | p50 | p99 | broker ack p50 / p99 | ack -> visible p50 / p99 | publish delay p99 | machine busy | tally cores |\n\
+                 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             );
             for x in f {
                 md.push_str(&format!(
-                    "| {} | {:.0} | {:.0} | {:.0} | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | ≤ {:.0} ms |\n",
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | ≤ {:.0} ms | {:.0}% | {:.2} |\n",
                     x.workers,
                     x.offered,
                     x.handed,
@@ -970,10 +1002,12 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
                     x.ack_p99_ms,
                     x.after_p50_ms,
                     x.after_p99_ms,
-                    x.publish_p99_ms
+                    x.publish_p99_ms,
+                    x.machine_busy * 100.0,
+                    x.tally_cores
                 ));
                 csv.push_str(&format!(
-                    "freshness,tally,{},{},,,,,,,{:.0},{:.0},{:.0},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.0}\n",
+                    "freshness,tally,{},{},,,,,,,{:.0},{:.0},{:.0},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.0},{:.3},{:.3}\n",
                     x.schemas,
                     x.workers,
                     x.offered,
@@ -985,7 +1019,9 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
                     x.ack_p99_ms,
                     x.after_p50_ms,
                     x.after_p99_ms,
-                    x.publish_p99_ms
+                    x.publish_p99_ms,
+                    x.machine_busy,
+                    x.tally_cores
                 ));
             }
             md.push('\n');
