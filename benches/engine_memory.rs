@@ -1,0 +1,76 @@
+//! Memory of the usage pipeline without Kafka: the benchmark workload (running set constant) encoded as
+//! schemaless Debezium records, decoded by tally's decoder and fed into the usage dataflow on one worker,
+//! a timestamp every `per_ts` events (about a 20 ms tick at 100k events/s). Prints this process's RSS
+//! every million events, so growth that follows events shows apart from the Kafka client's buffers.
+//!
+//!   cargo bench --bench engine_memory -- [EVENTS, default 10000000] [PER_TS, default 2000]
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use dataflows::usage::{Change, Usage};
+use differential_dataflow::difference::Semigroup;
+use tally::sim::{debezium_records, Workload};
+use tally::sources::debezium::{DebeziumDecoder, Decoded, Meta};
+use timely::dataflow::operators::Input;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `VmRSS` and `VmHWM` of this process, in MB.
+fn rss_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn main() {
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let events = args.first().copied().unwrap_or(10_000_000);
+    let per_ts = args.get(1).copied().unwrap_or(2000).max(1);
+    timely::execute(timely::Config::process(1), move |worker| {
+        let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Vec<Change>>();
+            let views = dataflows::usage::usage(stream);
+            let (probe, usage) = views.usage.probe();
+            // The served view's equivalent: one accumulated record per organization.
+            let mut view: HashMap<String, Usage> = HashMap::new();
+            usage.inspect(move |(org, _t, diff)| view.entry(org.clone()).or_default().plus_equals(diff));
+            (input, probe)
+        });
+        let mut workload = Workload::new(42, 100, 20_000, 0.2, 50);
+        let mut decoder = DebeziumDecoder::new(None);
+        let start = Instant::now();
+        let mut offset = 0i64;
+        println!("events,seconds,rss_mb,peak_mb");
+        for i in 1..=events {
+            let (event, ts) = workload.next_event();
+            for (k, v) in debezium_records(&event, ts, i * 300, false) {
+                offset += 1;
+                let meta = Meta { partition: (event.row().id % 4) as i32, offset, ..Meta::default() };
+                if let Ok(Decoded::Change(c)) = decoder.decode(Some(k.as_bytes()), v.as_ref().map(|v| v.as_bytes()), meta) {
+                    input.send(c);
+                }
+            }
+            if i % per_ts == 0 {
+                let next = *input.time() + 1;
+                input.advance_to(next);
+                worker.step_while(|| probe.less_than(&next));
+            }
+            if i % 1_000_000 == 0 {
+                let (rss, peak) = rss_mb();
+                println!("{i},{:.1},{rss:.1},{peak:.1}", start.elapsed().as_secs_f64());
+            }
+        }
+    })
+    .expect("timely")
+    .join();
+}
