@@ -154,6 +154,26 @@ struct Fresh {
     tally_cores: f64,
 }
 
+impl Fresh {
+    /// The phase's figures in the CSV's column order.
+    fn numbers(&self) -> [f64; 12] {
+        [
+            self.offered,
+            self.handed,
+            self.delivered,
+            self.p50_ms,
+            self.p99_ms,
+            self.ack_p50_ms,
+            self.ack_p99_ms,
+            self.after_p50_ms,
+            self.after_p99_ms,
+            self.publish_p99_ms,
+            self.machine_busy,
+            self.tally_cores,
+        ]
+    }
+}
+
 /// Busy and total jiffies of the whole machine (/proc/stat), and a process's user+system jiffies.
 fn cpu_jiffies(pid: u32) -> (u64, u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -1006,23 +1026,8 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
                     x.machine_busy * 100.0,
                     x.tally_cores
                 ));
-                csv.push_str(&format!(
-                    "freshness,tally,{},{},,,,,,,{:.0},{:.0},{:.0},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.0},{:.3},{:.3}\n",
-                    x.schemas,
-                    x.workers,
-                    x.offered,
-                    x.handed,
-                    x.delivered,
-                    x.p50_ms,
-                    x.p99_ms,
-                    x.ack_p50_ms,
-                    x.ack_p99_ms,
-                    x.after_p50_ms,
-                    x.after_p99_ms,
-                    x.publish_p99_ms,
-                    x.machine_busy,
-                    x.tally_cores
-                ));
+                let numbers: Vec<String> = x.numbers().iter().map(|v| format!("{v:.3}")).collect();
+                csv.push_str(&format!("freshness,tally,{},{},,,,,,,{}\n", x.schemas, x.workers, numbers.join(",")));
             }
             md.push('\n');
         }
