@@ -54,6 +54,11 @@ fn captured_stream_gives_the_hand_computed_bill() {
     // Freshness parts: every message's age when read (all carry a producer timestamp), and each publish.
     assert_eq!(tally.metric("tally_source_record_age_seconds_count{topic=\"topic.cloud.instances\"}"), 23.0);
     assert!(tally.metric("tally_view_publish_delay_seconds_count{view=\"usage\"}") >= 1.0);
+    // With mimalloc, tally re-executes itself with one glibc arena for librdkafka (same pid).
+    if cfg!(all(feature = "mimalloc", target_os = "linux", target_env = "gnu")) {
+        let environ = std::fs::read(format!("/proc/{}/environ", tally.child.id())).expect("environ");
+        assert!(environ.split(|b| *b == 0).any(|v| v == b"MALLOC_ARENA_MAX=1"), "MALLOC_ARENA_MAX=1 not in tally's environment");
+    }
     let (status, _, health) = tally.get("/health");
     assert_eq!(status, 200);
     assert!(health.contains("\"status\":\"ok\""), "{health}");
