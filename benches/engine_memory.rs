@@ -5,6 +5,9 @@
 //!
 //!   cargo bench --bench engine_memory -- [EVENTS, default 10000000] [PER_TS, default 2000]
 
+#[path = "support/proc_status.rs"]
+mod proc_status;
+
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -17,20 +20,6 @@ use timely::dataflow::operators::Input;
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `VmRSS` and `VmHWM` of this process, in MB.
-fn rss_mb() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
 
 fn main() {
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -66,7 +55,8 @@ fn main() {
                 worker.step_while(|| probe.less_than(&next));
             }
             if i % 1_000_000 == 0 {
-                let (rss, peak) = rss_mb();
+                let rss = proc_status::status_mb("self", "VmRSS:").unwrap_or(0.0);
+                let peak = proc_status::status_mb("self", "VmHWM:").unwrap_or(0.0);
                 println!("{i},{:.1},{rss:.1},{peak:.1}", start.elapsed().as_secs_f64());
             }
         }

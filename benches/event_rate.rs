@@ -20,6 +20,9 @@
 //! Writes `results.md`, `results.csv`, `rss-*.csv` and (with matplotlib) `throughput.png`, `freshness.png`,
 //! `memory.png` to `--out`.
 
+#[path = "support/proc_status.rs"]
+mod proc_status;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -374,11 +377,8 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
     status_mb(pid, "VmHWM:")
 }
 
-/// A memory line of /proc/PID/status (`VmHWM:` peak, `VmRSS:` now), in MB.
 fn status_mb(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status.lines().find_map(|l| l.strip_prefix(field))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb / 1024.0)
+    proc_status::status_mb(&pid.to_string(), field)
 }
 
 struct TallyProc {
@@ -484,25 +484,31 @@ impl Histogram {
 /// Waits until `GET /` equals `expected`. Returns when that happened and when tally's first message was
 /// counted in /metrics (the source counts each poll batch as it ends: at most 5 ms after its first poll).
 fn wait_equal(http: &str, expected: &serde_json::Value, limit: Duration) -> Option<(Instant, Instant)> {
-    let deadline = Instant::now() + limit;
     let mut first = None;
-    while Instant::now() < deadline {
-        if first.is_none() {
-            let read = http_get(http, "/metrics")
-                .is_some_and(|m| m.lines().any(|l| l.starts_with("tally_source_messages_total{") && !l.trim_end().ends_with(" 0")));
-            if read {
-                first = Some(Instant::now());
-            }
+    poll_until(limit, Duration::from_millis(2), || {
+        if first.is_none() && http_get(http, "/metrics").is_some_and(|m| metric_sum(&m, "tally_source_messages_total{") > 0) {
+            first = Some(Instant::now());
         }
-        if let Some(body) = http_get(http, "/") {
-            if serde_json::from_str::<serde_json::Value>(&body).ok().as_ref() == Some(expected) {
-                let done = Instant::now();
-                return Some((first.unwrap_or(done), done));
-            }
+        let body = http_get(http, "/")?;
+        (serde_json::from_str::<serde_json::Value>(&body).ok().as_ref() == Some(expected)).then(|| {
+            let done = Instant::now();
+            (first.unwrap_or(done), done)
+        })
+    })
+}
+
+/// Calls `check` every `every` until it gives a value, or gives up once `limit` has passed.
+fn poll_until<T>(limit: Duration, every: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every);
     }
-    None
 }
 
 /// Records when the broker acknowledged the last record sent through this producer.
@@ -600,29 +606,16 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
         let t0 = Instant::now();
         send(&p, topic, partitions + 1, &(partitions, rec.0, rec.1));
         p.flush(Duration::from_secs(0)).ok();
-        let seen = loop {
-            if http_get(http, "/").is_some_and(|b| b.contains(&org)) {
-                break Some(Instant::now());
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                missed += 1;
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
+        let seen = poll_until(Duration::from_secs(10), Duration::from_millis(1), || {
+            http_get(http, "/").filter(|b| b.contains(&org)).map(|_| Instant::now())
+        });
+        if seen.is_none() {
+            missed += 1;
+        }
         let seen = seen.unwrap_or_else(Instant::now);
         total.push((seen - t0).as_secs_f64() * 1e3);
         // The delivery report can trail the view by the producer thread's poll; wait for it briefly.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let acked_at = loop {
-            if let Some(at) = *acked.lock().expect("lock") {
-                break Some(at);
-            }
-            if Instant::now() > deadline {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
+        let acked_at = poll_until(Duration::from_secs(2), Duration::from_millis(1), || *acked.lock().expect("lock"));
         if let Some(at) = acked_at {
             ack.push((at - t0).as_secs_f64() * 1e3);
             after_ack.push(seen.saturating_duration_since(at).as_secs_f64() * 1e3);
@@ -650,14 +643,8 @@ fn catch_up(target: &Target<'_>, http: &str, tag: &str, ts: i64) -> bool {
         send(&p, topic, partitions, &(i as i32, k, v));
     }
     p.flush(Duration::from_secs(30)).ok();
-    let deadline = Instant::now() + Duration::from_secs(900);
-    while Instant::now() < deadline {
-        if http_get(http, "/").is_some_and(|b| orgs.iter().all(|o| b.contains(o.as_str()))) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    let all_visible = || http_get(http, "/").filter(|b| orgs.iter().all(|o| b.contains(o.as_str()))).map(|_| ());
+    poll_until(Duration::from_secs(900), Duration::from_millis(20), all_visible).is_some()
 }
 
 /// One timed drain of the whole topic by a fresh tally process.
@@ -697,7 +684,7 @@ fn drain_tally(a: &Args, brokers: &str, topic: &str, workers: usize, dir: &Path,
 fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    pct(&v, 0.5)
 }
 
 /// tally's dataflow alone: decoded changes fed straight in (round-robin over workers by key), until done.
