@@ -161,7 +161,7 @@ pub fn publish<'s, K, R>(
         };
         if changed > 0 || last_as_of != Some(as_of) {
             view.publish(as_of, (changed > 0).then(|| render(&state)));
-            if let (Some(closed_at), true) = (bound, changed > 0) {
+            if let Some(closed_at) = bound.filter(|_| changed > 0) {
                 observe_publish_delay(&metrics, name, closed_at);
             }
             last_as_of = Some(as_of);

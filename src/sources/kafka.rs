@@ -124,7 +124,7 @@ pub fn kafka_source<'s, D: Decoder>(
                 let mut bytes = 0u64;
                 let mut per_partition: HashMap<i32, (u64, i64)> = HashMap::new();
                 let ages = ctx.metrics.record_age.with_label_values(&[topic.as_str()]).local();
-                let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+                let now_ms = epoch_now(1) as i64;
                 loop {
                     if read % 256 == 255 && started.elapsed() > POLL_BUDGET {
                         break;
