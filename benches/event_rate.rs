@@ -75,6 +75,10 @@ struct Args {
     /// Offered rates for freshness, as fractions of tally's measured drain rate.
     #[arg(long, default_value = "0.1,0.25,0.5")]
     rates: String,
+    /// Records/s the --rates fractions apply to, instead of each run's measured drain rate (to compare
+    /// settings at the same offered load: drain rates here vary about 30% between runs).
+    #[arg(long)]
+    rate_of: Option<f64>,
     /// Freshness probes per offered rate.
     #[arg(long, default_value_t = 100)]
     probes: usize,
@@ -95,6 +99,11 @@ struct Args {
     /// After each drain, keep sampling tally's memory this many seconds with no traffic.
     #[arg(long, default_value_t = 5.0)]
     idle_s: f64,
+    /// Niceness of the freshness phases' background generator (its thread and its producer's threads): the
+    /// generator stands in for producers on other machines, so it yields the cores to the broker and tally.
+    /// 0 keeps it at tally's priority.
+    #[arg(long, default_value_t = 19)]
+    generator_nice: i32,
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
     /// Passed by `cargo bench`; ignored.
@@ -108,6 +117,15 @@ fn root() -> PathBuf {
 
 struct Broker(String);
 impl Broker {
+    /// The broker's process id, from the state `scripts/broker` keeps per port.
+    fn pid(&self) -> Option<u32> {
+        let state = std::env::var_os("TALLY_BROKER_STATE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from).join("tally-brokers"));
+        let port = self.0.rsplit(':').next()?;
+        std::fs::read_to_string(state.join(port).join("pid")).ok()?.trim().parse().ok()
+    }
+
     fn start() -> Broker {
         let out = Command::new(root().join("scripts/broker")).arg("start").stderr(Stdio::inherit()).output().expect("scripts/broker");
         assert!(out.status.success(), "scripts/broker start failed");
@@ -152,14 +170,17 @@ struct Fresh {
     after_p99_ms: f64,
     /// From tally's histogram over the phase (a bucket's upper bound): timestamp closed -> view shows it.
     publish_p99_ms: f64,
-    /// Over the phase: the machine's busy share of all its cores, and the cores tally used.
+    /// Over the phase: the machine's busy share of all its cores, and the cores tally, the broker and the
+    /// harness (background generator, probes and polling) used.
     machine_busy: f64,
     tally_cores: f64,
+    broker_cores: f64,
+    harness_cores: f64,
 }
 
 impl Fresh {
     /// The phase's figures in the CSV's column order.
-    fn numbers(&self) -> [f64; 12] {
+    fn numbers(&self) -> [f64; 14] {
         [
             self.offered,
             self.handed,
@@ -173,23 +194,59 @@ impl Fresh {
             self.publish_p99_ms,
             self.machine_busy,
             self.tally_cores,
+            self.broker_cores,
+            self.harness_cores,
         ]
     }
 }
 
-/// Busy and total jiffies of the whole machine (/proc/stat), and a process's user+system jiffies.
-fn cpu_jiffies(pid: u32) -> (u64, u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+/// CPU time so far: the whole machine's busy and total jiffies (/proc/stat), and user+system jiffies of
+/// each process asked for (0 for one that is gone or unknown).
+struct CpuTimes {
+    busy: u64,
+    total: u64,
+    procs: Vec<u64>,
+}
+
+impl CpuTimes {
+    fn now(pids: &[Option<u32>]) -> CpuTimes {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<u64> = stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        let procs = pids.iter().map(|pid| pid.map_or(0, process_jiffies)).collect();
+        CpuTimes { busy: total - idle, total, procs }
+    }
+
+    /// The machine's busy share since `earlier`, and the cores each process used over `secs`.
+    fn since(&self, earlier: &CpuTimes, secs: f64) -> (f64, Vec<f64>) {
+        let ticks_per_s = 100.0; // USER_HZ on Linux
+        let busy = (self.busy - earlier.busy) as f64 / (self.total - earlier.total).max(1) as f64;
+        let cores = self.procs.iter().zip(&earlier.procs).map(|(a, b)| a.saturating_sub(*b) as f64 / ticks_per_s / secs).collect();
+        (busy, cores)
+    }
+}
+
+fn process_jiffies(pid: u32) -> u64 {
     let own = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces), from the state: utime and stime are the 12th and 13th.
     let after = own.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
     let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    let proc_j = field(11) + field(12);
-    (total - idle, total, proc_j)
+    field(11) + field(12)
+}
+
+/// Sets the calling thread's niceness (on Linux niceness is per thread, and threads it starts inherit it),
+/// with util-linux `renice` on its thread id: the project forbids `unsafe`, so no `setpriority` here.
+fn renice_this_thread(nice: i32) -> Result<(), String> {
+    let link = std::fs::read_link("/proc/thread-self").map_err(|e| format!("/proc/thread-self: {e}"))?;
+    let tid = link.file_name().and_then(|t| t.to_str()).ok_or("no thread id")?.to_owned();
+    let out = Command::new("renice").args(["-n", &nice.to_string(), "-p", &tid]).output().map_err(|e| format!("renice: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("renice: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
 }
 
 type Records = Vec<(i32, String, Option<String>)>;
@@ -535,6 +592,8 @@ struct Phase {
     ack: Vec<f64>,
     after_ack: Vec<f64>,
     missed: usize,
+    /// Whether the generator got the niceness asked for.
+    reniced: Result<(), String>,
 }
 
 fn pct(sorted: &[f64], q: f64) -> f64 {
@@ -547,22 +606,24 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
 /// Freshness at an offered rate: background workload traffic at `rate` records/s, and one probe at a time
 /// (a deploy for a new organization), timed from handing it to the producer until `GET /` shows it, with the
 /// broker's acknowledgement in between.
-fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64, probes: usize) -> Phase {
+fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64, probes: usize, nice: i32) -> Phase {
     let Target { brokers, topic, partitions, schemas } = *target;
     let stop = Arc::new(AtomicBool::new(false));
     // Probes go to their own partition (the topic has one past the workload's) through their own producer:
     // behind the background producer's backlog, a probe measured the load generator, not tally; and on a
     // shared partition a probe's binlog position could overtake background events, which tally then drops
     // as re-deliveries. One request in flight keeps each producer's records in position order on retries.
-    let bg_producer: ThreadedProducer<DefaultProducerContext> =
-        producer_config(brokers).set("max.in.flight.requests.per.connection", "1").create().expect("producer");
     // The background thread generates as it sends (holding a phase of 2.4 KB records at 200k/s ran the
-    // machine out of memory) and hands the workload back at the end, with (handed, delivered) counts.
+    // machine out of memory) and hands the workload back at the end, with (handed, delivered) counts. It
+    // lowers its priority before it creates its producer, whose threads inherit it.
     let probe_ts = workload.ts_s;
     let mut owned = std::mem::replace(workload, Workload::new(0, 1, 1, 0.0, 1));
     let bg = std::thread::spawn({
-        let (stop, topic, p) = (stop.clone(), topic.to_owned(), bg_producer);
+        let (stop, topic, brokers) = (stop.clone(), topic.to_owned(), brokers.to_owned());
         move || {
+            let reniced = if nice == 0 { Ok(()) } else { renice_this_thread(nice) };
+            let p: ThreadedProducer<DefaultProducerContext> =
+                producer_config(&brokers).set("max.in.flight.requests.per.connection", "1").create().expect("producer");
             let start = Instant::now();
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
@@ -580,7 +641,7 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
             }
             let delivered = i.saturating_sub(p.in_flight_count().max(0) as usize);
             p.flush(Duration::from_secs(60)).ok();
-            (owned, i, delivered)
+            (owned, i, delivered, reniced)
         }
     });
     // The probe is sent at once (no linger): its latency is tally's and the broker's, not batching's.
@@ -624,12 +685,12 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
     }
     let elapsed = phase.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    let (owned, handed, delivered) = bg.join().expect("background producer");
+    let (owned, handed, delivered, reniced) = bg.join().expect("background producer");
     *workload = owned;
     for v in [&mut total, &mut ack, &mut after_ack] {
         v.sort_by(f64::total_cmp);
     }
-    Phase { handed: handed as f64 / elapsed, delivered: delivered as f64 / elapsed, total, ack, after_ack, missed }
+    Phase { handed: handed as f64 / elapsed, delivered: delivered as f64 / elapsed, total, ack, after_ack, missed, reniced }
 }
 
 /// Waits until tally has read every partition to its end: one marker deploy per partition, all visible.
@@ -860,17 +921,18 @@ fn main() {
                 continue;
             }
             for &f in &rates {
-                let rate = max_rate[&w] * f;
+                let rate = a.rate_of.unwrap_or(max_rate[&w]) * f;
                 let before = http_get(&t.http, "/metrics").unwrap_or_default();
-                let (busy0, total0, own0) = cpu_jiffies(t.child.id());
+                let pids = [Some(t.child.id()), broker.pid(), Some(std::process::id())];
+                let cpu0 = CpuTimes::now(&pids);
                 let phase_start = Instant::now();
-                let ph = freshness(&target, &t.http, &mut workload, rate, a.probes);
+                let ph = freshness(&target, &t.http, &mut workload, rate, a.probes, a.generator_nice);
                 let after = http_get(&t.http, "/metrics").unwrap_or_default();
-                let (busy1, total1, own1) = cpu_jiffies(t.child.id());
-                let ticks_per_s = 100.0; // USER_HZ on Linux
-                let tally_cores = (own1 - own0) as f64 / ticks_per_s / phase_start.elapsed().as_secs_f64();
-                let machine_busy = (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64;
+                let (machine_busy, cores) = CpuTimes::now(&pids).since(&cpu0, phase_start.elapsed().as_secs_f64());
                 let publish = Histogram::between(&before, &after, "tally_view_publish_delay_seconds");
+                if let Err(e) = &ph.reniced {
+                    notes.push(format!("freshness schemas {mode} -w {w} at {rate:.0}/s: generator kept tally's priority ({e})"));
+                }
                 if ph.missed > 0 {
                     notes.push(format!("freshness schemas {mode} -w {w} at {rate:.0}/s: {} probes never showed within 10 s", ph.missed));
                 }
@@ -888,16 +950,20 @@ fn main() {
                     after_p99_ms: pct(&ph.after_ack, 0.99),
                     publish_p99_ms: publish.quantile(0.99) * 1e3,
                     machine_busy,
-                    tally_cores,
+                    tally_cores: cores[0],
+                    broker_cores: cores[1],
+                    harness_cores: cores[2],
                 };
                 eprintln!(
-                    "bench: freshness -w {w} at {rate:.0}/s offered ({:.0}/s delivered): p50 {:.1} ms, p99 {:.1} ms (broker ack p99 {:.1} ms); machine {:.0}% busy, tally {:.2} cores",
+                    "bench: freshness -w {w} at {rate:.0}/s offered ({:.0}/s delivered): p50 {:.1} ms, p99 {:.1} ms (broker ack p99 {:.1} ms); machine {:.0}% busy, cores: tally {:.2}, broker {:.2}, harness {:.2}",
                     x.delivered,
                     x.p50_ms,
                     x.p99_ms,
                     x.ack_p99_ms,
                     x.machine_busy * 100.0,
-                    x.tally_cores
+                    x.tally_cores,
+                    x.broker_cores,
+                    x.harness_cores
                 );
                 fresh.push(x);
             }
@@ -939,7 +1005,7 @@ fn dirs_python() -> String {
 }
 
 fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
-    let mut csv = String::from("kind,system,schemas,workers,records,seconds,records_per_s,ratio_to_tally,peak_rss_mb,agrees,offered_per_s,handed_per_s,acknowledged_per_s,p50_ms,p99_ms,ack_p50_ms,ack_p99_ms,after_ack_p50_ms,after_ack_p99_ms,publish_delay_p99_ms_le,machine_busy,tally_cores\n");
+    let mut csv = String::from("kind,system,schemas,workers,records,seconds,records_per_s,ratio_to_tally,peak_rss_mb,agrees,offered_per_s,handed_per_s,acknowledged_per_s,p50_ms,p99_ms,ack_p50_ms,ack_p99_ms,after_ack_p50_ms,after_ack_p99_ms,publish_delay_p99_ms_le,machine_busy,tally_cores,broker_cores,harness_cores\n");
     let mut md = format!(
         "# tally event-rate benchmark\n\nOne run, one machine ({} cores), one broker (scripts/broker), the same events for every system. Floors and tally drains: the median of {} interleaved runs (every run in the notes).\n\
          Workload: {} change events ({} running rows, {} organizations, {:.0}% price updates, deletes with tombstones), {} partitions.\n\
@@ -992,13 +1058,14 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
                  and its two parts: until the broker acknowledged it, and from then until visible (tally's fetch, the tick, publishing, \
                  and the 1 ms polling). Background rate offered, handed to the producer, and acknowledged by the broker by the \
                  phase's end (the rest was still queued in the generator). Publish delay: tally's own histogram (bucket bound). \
-                 CPU over the phase: the machine's busy share of all cores (generator, broker and tally share them), and tally's cores.\n\n\
-                 | workers | offered /s | handed /s | acknowledged /s | p50 | p99 | broker ack p50 / p99 | ack -> visible p50 / p99 | publish delay p99 | machine busy | tally cores |\n\
+                 CPU over the phase: the machine's busy share of all cores (generator, broker and tally share them), and the cores \
+                 tally, the broker and the harness (background generator, probes, polling) used.\n\n\
+                 | workers | offered /s | handed /s | acknowledged /s | p50 | p99 | broker ack p50 / p99 | ack -> visible p50 / p99 | publish delay p99 | machine busy | cores: tally / broker / harness |\n\
                  |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             );
             for x in f {
                 md.push_str(&format!(
-                    "| {} | {:.0} | {:.0} | {:.0} | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | ≤ {:.0} ms | {:.0}% | {:.2} |\n",
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | ≤ {:.0} ms | {:.0}% | {:.2} / {:.2} / {:.2} |\n",
                     x.workers,
                     x.offered,
                     x.handed,
@@ -1011,7 +1078,9 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
                     x.after_p99_ms,
                     x.publish_p99_ms,
                     x.machine_busy * 100.0,
-                    x.tally_cores
+                    x.tally_cores,
+                    x.broker_cores,
+                    x.harness_cores
                 ));
                 let numbers: Vec<String> = x.numbers().iter().map(|v| format!("{v:.3}")).collect();
                 csv.push_str(&format!("freshness,tally,{},{},,,,,,,{}\n", x.schemas, x.workers, numbers.join(",")));
