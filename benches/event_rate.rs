@@ -606,7 +606,9 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
 /// Freshness at an offered rate: background workload traffic at `rate` records/s, and one probe at a time
 /// (a deploy for a new organization), timed from handing it to the producer until `GET /` shows it, with the
 /// broker's acknowledgement in between.
-fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64, probes: usize, nice: i32) -> Phase {
+/// `phase_no` numbers the phases on one topic: each tally reads the earlier phases' probes too, so every
+/// phase's probes need rows and organizations of their own.
+fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, phase_no: usize, rate: f64, probes: usize, nice: i32) -> Phase {
     let Target { brokers, topic, partitions, schemas } = *target;
     let stop = Arc::new(AtomicBool::new(false));
     // Probes go to their own partition (the topic has one past the workload's) through their own producer:
@@ -654,9 +656,9 @@ fn freshness(target: &Target<'_>, http: &str, workload: &mut Workload, rate: f64
     let (mut total, mut ack, mut after_ack, mut missed) = (Vec::new(), Vec::new(), Vec::new(), 0);
     let phase = Instant::now();
     for k in 0..probes {
-        let org = format!("probe-{:.0}-{k:04}", rate);
+        let org = format!("probe-{phase_no}-{k:04}");
         let row = SimRow {
-            id: 10_000_000_000 + (rate as u64) * 10_000 + k as u64,
+            id: 10_000_000_000 + phase_no as u64 * 1_000_000 + k as u64,
             org: org.clone(),
             instance: "probe".into(),
             price: 1,
@@ -914,6 +916,7 @@ fn main() {
         }
         // Freshness last: its traffic extends the topic the drain measurements above read.
         let target = Target { brokers: &broker.0, topic, partitions: a.partitions, schemas };
+        let mut phase = 0;
         for &w in &workers {
             let t = spawn_tally(&broker.0, topic, w, &dir, &a.tally_args);
             if !catch_up(&target, &t.http, &format!("sync-{w}"), workload.ts_s) {
@@ -926,7 +929,8 @@ fn main() {
                 let pids = [Some(t.child.id()), broker.pid(), Some(std::process::id())];
                 let cpu0 = CpuTimes::now(&pids);
                 let phase_start = Instant::now();
-                let ph = freshness(&target, &t.http, &mut workload, rate, a.probes, a.generator_nice);
+                let ph = freshness(&target, &t.http, &mut workload, phase, rate, a.probes, a.generator_nice);
+                phase += 1;
                 let after = http_get(&t.http, "/metrics").unwrap_or_default();
                 let (machine_busy, cores) = CpuTimes::now(&pids).since(&cpu0, phase_start.elapsed().as_secs_f64());
                 let publish = Histogram::between(&before, &after, "tally_view_publish_delay_seconds");
