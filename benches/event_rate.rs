@@ -110,6 +110,9 @@ struct Args {
     /// The probes are sent at once regardless.
     #[arg(long, default_value_t = 50)]
     generator_linger_ms: u64,
+    /// Compression of the background generator's batches (librdkafka `compression.type`: none, lz4, zstd...).
+    #[arg(long, default_value = "none")]
+    generator_compression: String,
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
     /// Passed by `cargo bench`; ignored.
@@ -586,6 +589,14 @@ impl ProducerContext for AckClock {
     }
 }
 
+/// How the freshness phases' background generator runs (see the --generator-* options).
+#[derive(Clone)]
+struct Generator {
+    nice: i32,
+    linger_ms: u64,
+    compression: String,
+}
+
 /// One freshness phase.
 struct Phase {
     /// Background records handed to the producer per second, and those the broker had acknowledged by the
@@ -621,9 +632,9 @@ fn freshness(
     phase_no: usize,
     rate: f64,
     probes: usize,
-    generator: (i32, u64),
+    generator: &Generator,
 ) -> Phase {
-    let (nice, linger_ms) = generator;
+    let Generator { nice, linger_ms, compression } = generator.clone();
     let Target { brokers, topic, partitions, schemas } = *target;
     let stop = Arc::new(AtomicBool::new(false));
     // Probes go to their own partition (the topic has one past the workload's) through their own producer:
@@ -642,6 +653,7 @@ fn freshness(
             let p: ThreadedProducer<DefaultProducerContext> = producer_config(&brokers)
                 .set("max.in.flight.requests.per.connection", "1")
                 .set("linger.ms", linger_ms.to_string())
+                .set("compression.type", &compression)
                 .create()
                 .expect("producer");
             let start = Instant::now();
@@ -935,6 +947,8 @@ fn main() {
         // Freshness last: its traffic extends the topic the drain measurements above read.
         let target = Target { brokers: &broker.0, topic, partitions: a.partitions, schemas };
         let mut phase = 0;
+        let generator =
+            Generator { nice: a.generator_nice, linger_ms: a.generator_linger_ms, compression: a.generator_compression.clone() };
         for &w in &workers {
             let t = spawn_tally(&broker.0, topic, w, &dir, &a.tally_args);
             if !catch_up(&target, &t.http, &format!("sync-{w}"), workload.ts_s) {
@@ -947,7 +961,7 @@ fn main() {
                 let pids = [Some(t.child.id()), broker.pid(), Some(std::process::id())];
                 let cpu0 = CpuTimes::now(&pids);
                 let phase_start = Instant::now();
-                let ph = freshness(&target, &t.http, &mut workload, phase, rate, a.probes, (a.generator_nice, a.generator_linger_ms));
+                let ph = freshness(&target, &t.http, &mut workload, phase, rate, a.probes, &generator);
                 phase += 1;
                 let after = http_get(&t.http, "/metrics").unwrap_or_default();
                 let (machine_busy, cores) = CpuTimes::now(&pids).since(&cpu0, phase_start.elapsed().as_secs_f64());
