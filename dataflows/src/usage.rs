@@ -13,8 +13,12 @@
 //! worker, an event at or before the highest position already applied is a duplicate. Only the keys seen at
 //! exactly that position are remembered, so memory follows the running set, not the history.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
+
+// foldhash, not SipHash, for the per-record maps (keys, watermarks, organizations): several lookups per
+// change. Routing across workers keeps `key_hash`, which every process must compute alike.
+use foldhash::{HashMap, HashSet};
 
 use differential_dataflow::difference::{Abelian, IsZero, Monoid, Multiply, Semigroup};
 use differential_dataflow::lattice::Lattice;
@@ -225,38 +229,36 @@ impl UpsertState {
             return;
         };
         match change.op {
-            Op::Upsert { kind, row, moved_in } => match self.keys.remove(&key) {
-                Some(KeyState::Live { row: old, since_ms, accrued }) => {
-                    let same_instance = old.org == row.org && old.instance == row.instance;
-                    if old == row {
-                        self.keys.insert(key, KeyState::Live { row: old, since_ms, accrued });
-                    } else if same_instance {
-                        let (since_ms, accrued) = if old.price != row.price {
-                            (ts, accrued + old.price.times(billable_seconds(since_ms, ts)))
-                        } else if accrued.is_zero() && since_ms == old.started_ms {
-                            (row.started_ms, accrued)
-                        } else {
-                            (since_ms, accrued)
-                        };
+            // A key's state changes in place: one hash lookup, not a remove and an insert.
+            Op::Upsert { kind, row, moved_in } => {
+                match self.keys.get_mut(&key) {
+                    Some(KeyState::Live { row: old, .. }) if *old == row => return,
+                    Some(KeyState::Live { row: old, since_ms, accrued }) if old.org == row.org && old.instance == row.instance => {
                         // Same organization and instance: `running` is unchanged.
-                        self.keys.insert(key, KeyState::Live { row, since_ms, accrued });
-                    } else {
-                        out.push((Delta::Note(Note::Replaced), 1));
-                        close(old, since_ms, accrued, ts, out);
-                        self.appear(key, kind, row, moved_in, ts, out);
+                        if old.price != row.price {
+                            *accrued += old.price.times(billable_seconds(*since_ms, ts));
+                            *since_ms = ts;
+                        } else if accrued.is_zero() && *since_ms == old.started_ms {
+                            *since_ms = row.started_ms;
+                        }
+                        *old = row;
+                        return;
                     }
+                    Some(state @ KeyState::Live { .. }) => {
+                        if let KeyState::Live { row: old, since_ms, accrued } = std::mem::replace(state, KeyState::Gone) {
+                            out.push((Delta::Note(Note::Replaced), 1));
+                            close(old, since_ms, accrued, ts, out);
+                        }
+                    }
+                    Some(KeyState::Gone) | None => {}
                 }
-                _ => self.appear(key, kind, row, moved_in, ts, out),
-            },
-            Op::Delete { before, moved_out: _ } => match self.keys.remove(&key) {
-                Some(KeyState::Live { row, since_ms, accrued }) => {
-                    close(row, since_ms, accrued, ts, out);
-                    self.keys.insert(key, KeyState::Gone);
-                }
-                Some(KeyState::Gone) => {
-                    out.push((Delta::Note(Note::DeleteRepeated), 1));
-                    self.keys.insert(key, KeyState::Gone);
-                }
+                self.appear(key, kind, row, moved_in, ts, out);
+            }
+            Op::Delete { before, moved_out: _ } => match self.keys.get_mut(&key) {
+                Some(state) => match std::mem::replace(state, KeyState::Gone) {
+                    KeyState::Live { row, since_ms, accrued } => close(row, since_ms, accrued, ts, out),
+                    KeyState::Gone => out.push((Delta::Note(Note::DeleteRepeated), 1)),
+                },
                 None => {
                     if let Some(row) = before {
                         out.push((Delta::Note(Note::DeleteUnseen), 1));
@@ -333,7 +335,7 @@ where
                 let mut state = UpsertState::default();
                 let mut stash: BTreeMap<T, (timely::dataflow::operators::Capability<T>, Vec<Change>)> = BTreeMap::new();
                 let mut produced = Vec::new();
-                let mut per_org: HashMap<String, Usage> = HashMap::new();
+                let mut per_org: HashMap<String, Usage> = HashMap::default();
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
                         if let Some(cap) = cap.retain_least(0) {
