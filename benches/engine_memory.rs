@@ -5,6 +5,8 @@
 //!
 //!   cargo bench --bench engine_memory -- [EVENTS, default 10000000] [PER_TS, default 2000]
 
+#[path = "support/decoded_workload.rs"]
+mod decoded_workload;
 #[path = "support/proc_status.rs"]
 mod proc_status;
 
@@ -12,9 +14,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use dataflows::usage::{Change, Usage};
+use decoded_workload::DecodedWorkload;
 use differential_dataflow::difference::Semigroup;
-use tally::sim::{debezium_records, Workload};
-use tally::sources::debezium::{DebeziumDecoder, Decoded, Meta};
 use timely::dataflow::operators::Input;
 
 #[cfg(feature = "mimalloc")]
@@ -35,20 +36,11 @@ fn main() {
             usage.inspect(move |(org, _t, diff)| view.entry(org.clone()).or_default().plus_equals(diff));
             (input, probe)
         });
-        let mut workload = Workload::new(42, 100, 20_000, 0.2, 50);
-        let mut decoder = DebeziumDecoder::new(None);
+        let mut workload = DecodedWorkload::default();
         let start = Instant::now();
-        let mut offset = 0i64;
         println!("events,seconds,rss_mb,peak_mb");
         for i in 1..=events {
-            let (event, ts) = workload.next_event();
-            for (k, v) in debezium_records(&event, ts, i * 300, false) {
-                offset += 1;
-                let meta = Meta { partition: (event.row().id % 4) as i32, offset, ..Meta::default() };
-                if let Ok(Decoded::Change(c)) = decoder.decode(Some(k.as_bytes()), v.as_ref().map(|v| v.as_bytes()), meta) {
-                    input.send(c);
-                }
-            }
+            workload.next_event(|c| input.send(c));
             if i % per_ts == 0 {
                 let next = *input.time() + 1;
                 input.advance_to(next);

@@ -20,6 +20,8 @@
 //! Writes `results.md`, `results.csv`, `rss-*.csv` and (with matplotlib) `throughput.png`, `freshness.png`,
 //! `memory.png` to `--out`.
 
+#[path = "support/cpu_ticks.rs"]
+mod cpu_ticks;
 #[path = "support/proc_status.rs"]
 mod proc_status;
 
@@ -223,7 +225,7 @@ impl CpuTimes {
         let v: Vec<u64> = stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
         let total: u64 = v.iter().take(8).sum();
         let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-        let procs = pids.iter().map(|pid| pid.map_or(0, process_jiffies)).collect();
+        let procs = pids.iter().map(|pid| pid.map_or(0, |p| cpu_ticks::cpu_ticks(&p.to_string()))).collect();
         CpuTimes { busy: total - idle, total, procs }
     }
 
@@ -234,15 +236,6 @@ impl CpuTimes {
         let cores = self.procs.iter().zip(&earlier.procs).map(|(a, b)| a.saturating_sub(*b) as f64 / ticks_per_s / secs).collect();
         (busy, cores)
     }
-}
-
-fn process_jiffies(pid: u32) -> u64 {
-    let own = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces), from the state: utime and stime are the 12th and 13th.
-    let after = own.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12)
 }
 
 /// Sets the calling thread's niceness (on Linux niceness is per thread, and threads it starts inherit it),
