@@ -24,6 +24,8 @@
 mod cpu_ticks;
 #[path = "support/proc_status.rs"]
 mod proc_status;
+#[path = "support/sched.rs"]
+mod sched;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -74,7 +76,7 @@ struct Args {
     /// Schema settings to measure: on (3.7 KB records), off (0.6 KB).
     #[arg(long, default_value = "on,off")]
     schemas: String,
-    /// Offered rates for freshness, as fractions of tally's measured drain rate.
+    /// Offered rates for freshness, as fractions of tally's measured drain rate; "" skips freshness.
     #[arg(long, default_value = "0.1,0.25,0.5")]
     rates: String,
     /// Records/s the --rates fractions apply to, instead of each run's measured drain rate (to compare
@@ -403,16 +405,20 @@ fn accumulate(usage: &mut HashMap<String, Usage>, deltas: &mut Vec<(Delta, isize
 }
 
 /// rdkafka + tally's typed decoder + the upsert logic over a HashMap: the practical limit, no dataflow.
-fn parse_and_count_floor(brokers: &str, topic: &str, partitions: i32, n: usize) -> (f64, serde_json::Value) {
+/// Also returns where the harness's threads (this one and its consumer's) spent the time.
+fn parse_and_count_floor(brokers: &str, topic: &str, partitions: i32, n: usize) -> (f64, serde_json::Value, String) {
     let c = consumer(brokers, topic, partitions);
     let mut decoder = DebeziumDecoder::new(None);
     let mut state = UpsertState::default();
     let mut usage: HashMap<String, Usage> = HashMap::new();
     let mut deltas = Vec::new();
-    let (mut seen, mut start) = (0, None);
+    let (mut seen, mut start, mut threads0) = (0, None, sched::Snapshot::default());
     while seen < n {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            start.get_or_insert_with(Instant::now);
+            start.get_or_insert_with(|| {
+                threads0 = sched::snapshot("self");
+                Instant::now()
+            });
             seen += 1;
             let meta = Meta { partition: m.partition(), offset: m.offset(), ..Meta::default() };
             if let Ok(Decoded::Change(change)) = decoder.decode(m.key(), m.payload(), meta) {
@@ -421,7 +427,9 @@ fn parse_and_count_floor(brokers: &str, topic: &str, partitions: i32, n: usize) 
             }
         }
     }
-    (start.map_or(0.0, |s| s.elapsed().as_secs_f64()), render(&usage))
+    let secs = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let threads = sched::describe(&sched::between(&threads0, &sched::snapshot("self")), secs);
+    (secs, render(&usage), threads)
 }
 
 fn http_get(addr: &str, path: &str) -> Option<String> {
@@ -542,10 +550,12 @@ impl Histogram {
 
 /// Waits until `GET /` equals `expected`. Returns when that happened and when tally's first message was
 /// counted in /metrics (the source counts each poll batch as it ends: at most 5 ms after its first poll).
-fn wait_equal(http: &str, expected: &serde_json::Value, limit: Duration) -> Option<(Instant, Instant)> {
+/// `on_first` runs as the first message is seen counted.
+fn wait_equal(http: &str, expected: &serde_json::Value, limit: Duration, mut on_first: impl FnMut()) -> Option<(Instant, Instant)> {
     let mut first = None;
     poll_until(limit, Duration::from_millis(2), || {
         if first.is_none() && http_get(http, "/metrics").is_some_and(|m| metric_sum(&m, "tally_source_messages_total{") > 0) {
+            on_first();
             first = Some(Instant::now());
         }
         let body = http_get(http, "/")?;
@@ -744,14 +754,19 @@ struct Drain {
     idle_mb: f64,
     ok: bool,
     samples: Vec<(f64, u64, f64)>,
+    /// Where tally's threads spent the drain (`sched::describe`).
+    threads: String,
 }
 
 fn drain_tally(a: &Args, brokers: &str, topic: &str, workers: usize, dir: &Path, expected: &serde_json::Value) -> Drain {
     let start = Instant::now();
     let t = spawn_tally(brokers, topic, workers, dir, &a.tally_args);
     let sampler = RssSampler::start(t.child.id(), t.http.clone());
-    let done = wait_equal(&t.http, expected, Duration::from_secs(900));
+    let pid = t.child.id().to_string();
+    let mut threads0 = sched::Snapshot::default();
+    let done = wait_equal(&t.http, expected, Duration::from_secs(900), || threads0 = sched::snapshot(&pid));
     let (first, end) = done.unwrap_or((start, Instant::now()));
+    let threads = sched::describe(&sched::between(&threads0, &sched::snapshot(&pid)), (end - first).as_secs_f64());
     let peak_mb = peak_rss_mb(t.child.id());
     let drained_mb = status_mb(t.child.id(), "VmRSS:").unwrap_or(0.0);
     std::thread::sleep(Duration::from_secs_f64(a.idle_s));
@@ -764,6 +779,7 @@ fn drain_tally(a: &Args, brokers: &str, topic: &str, workers: usize, dir: &Path,
         idle_mb,
         ok: done.is_some(),
         samples: sampler.finish(),
+        threads,
     }
 }
 
@@ -814,7 +830,7 @@ fn main() {
     let a = Args::parse();
     std::fs::create_dir_all(&a.out).expect("out dir");
     let workers: Vec<usize> = a.workers.split(',').map(|w| w.trim().parse().expect("--workers")).collect();
-    let rates: Vec<f64> = a.rates.split(',').map(|r| r.trim().parse().expect("--rates")).collect();
+    let rates: Vec<f64> = a.rates.split(',').map(str::trim).filter(|r| !r.is_empty()).map(|r| r.parse().expect("--rates")).collect();
     let mut rows: Vec<Row> = Vec::new();
     let mut fresh: Vec<Fresh> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
@@ -847,10 +863,12 @@ fn main() {
         let mut drains: BTreeMap<usize, Vec<Drain>> = BTreeMap::new();
         for run in 0..a.repeat.max(1) {
             consume.push(broker_floor(&broker.0, topic, a.partitions, n));
-            let (s, got) = parse_and_count_floor(&broker.0, topic, a.partitions, n);
+            let (s, got, threads) = parse_and_count_floor(&broker.0, topic, a.partitions, n);
             floor.push(s);
             floor_ok &= got == expected;
             eprintln!("bench: run {run}: broker consume {:.0}/s, parse-and-count floor {:.0}/s", n as f64 / consume[run], n as f64 / s);
+            eprintln!("bench: run {run}: floor's threads: {threads}");
+            notes.push(format!("schemas {mode}, run {run}: the floor's threads over its drain: {threads}"));
             for &w in &workers {
                 let d = drain_tally(&a, &broker.0, topic, w, &dir, &expected);
                 eprintln!(
@@ -859,6 +877,8 @@ fn main() {
                     d.peak_mb.unwrap_or(0.0),
                     d.ok
                 );
+                eprintln!("bench: run {run}: tally -w {w}'s threads: {}", d.threads);
+                notes.push(format!("schemas {mode}, run {run}: tally -w {w}'s threads over its drain: {}", d.threads));
                 drains.entry(w).or_default().push(d);
             }
         }
@@ -942,7 +962,8 @@ fn main() {
         let mut phase = 0;
         let generator =
             Generator { nice: a.generator_nice, linger_ms: a.generator_linger_ms, compression: a.generator_compression.clone() };
-        for &w in &workers {
+        // `--rates ""` skips freshness.
+        for &w in workers.iter().filter(|_| !rates.is_empty()) {
             let t = spawn_tally(&broker.0, topic, w, &dir, &a.tally_args);
             if !catch_up(&target, &t.http, &format!("sync-{w}"), workload.ts_s) {
                 notes.push(format!("freshness -w {w}: tally never caught up"));
