@@ -115,7 +115,11 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     generator_linger_ms: u64,
     /// Compression of the background generator's batches (librdkafka `compression.type`: none, lz4, zstd...).
-    #[arg(long, default_value = "none")]
+    /// lz4, as a Kafka Connect worker can send (`producer.compression.type`): uncompressed, generator and
+    /// broker on this machine's 2 cores delivered only 90k of 155-166k/s 2.4 KB records offered (broker
+    /// 0.85-0.87 cores); lz4 delivered 99.7% of 173-177k/s with the broker at 0.36-0.47 cores
+    /// (bench-results/generator-compression/). tally then decompresses too: more work for it, not less.
+    #[arg(long, default_value = "lz4")]
     generator_compression: String,
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -1059,14 +1063,18 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
     let mut md = format!(
         "# tally event-rate benchmark\n\nOne run, one machine ({} cores), one broker (scripts/broker), the same events for every system. Floors and tally drains: the median of {} interleaved runs (every run in the notes).\n\
          Workload: {} change events ({} running rows, {} organizations, {:.0}% price updates, deletes with tombstones), {} partitions.\n\
-         Ratio = records/s divided by tally's end-to-end records/s with the same schema setting and `-w 1`.\n\n",
+         Ratio = records/s divided by tally's end-to-end records/s with the same schema setting and `-w 1`.\n         Freshness's background generator: nice {}, linger {} ms, compression {}.\n         Command: `cargo bench --bench event_rate -- {}`\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         a.repeat.max(1),
         a.events,
         a.running,
         a.orgs,
         a.updates * 100.0,
-        a.partitions
+        a.partitions,
+        a.generator_nice,
+        a.generator_linger_ms,
+        a.generator_compression,
+        std::env::args().skip(1).filter(|x| x != "--bench").map(|x| if x.is_empty() || x.contains(' ') { format!("\"{x}\"") } else { x }).collect::<Vec<_>>().join(" ")
     );
     for mode in ["on", "off"] {
         let group: Vec<&Row> = rows.iter().filter(|r| r.schemas == mode).collect();
