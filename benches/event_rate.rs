@@ -1063,7 +1063,9 @@ fn report(a: &Args, rows: &[Row], fresh: &[Fresh], notes: &[String]) {
     let mut md = format!(
         "# tally event-rate benchmark\n\nOne run, one machine ({} cores), one broker (scripts/broker), the same events for every system. Floors and tally drains: the median of {} interleaved runs (every run in the notes).\n\
          Workload: {} change events ({} running rows, {} organizations, {:.0}% price updates, deletes with tombstones), {} partitions.\n\
-         Ratio = records/s divided by tally's end-to-end records/s with the same schema setting and `-w 1`.\n         Freshness's background generator: nice {}, linger {} ms, compression {}.\n         Command: `cargo bench --bench event_rate -- {}`\n\n",
+         Ratio = records/s divided by tally's end-to-end records/s with the same schema setting and `-w 1`.\n\
+         Freshness's background generator: nice {}, linger {} ms, compression {}.\n\
+         Command: `cargo bench --bench event_rate -- {}`\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         a.repeat.max(1),
         a.events,
