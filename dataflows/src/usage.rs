@@ -655,6 +655,30 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_arriving_out_of_offset_order_is_applied_in_offset_order() {
+        // One timestamp, key 1's delete before its create (as several workers can deliver them): sorted back,
+        // the row runs from 100 s to 160 s at price 2. Applied as they came, the delete would bill an unseen
+        // row and the create, at an earlier binlog position, would be dropped as a re-delivery.
+        let r = row(A, "i1", 2, 100);
+        let (out, live) = run(vec![vec![ev(1, 11, 160, delete(r.clone())), ev(1, 10, 100, create(r))]]);
+        assert_eq!(out, BTreeMap::from([(A.to_string(), usage_of(1, 0, 120))]));
+        assert_eq!(live, 0);
+    }
+
+    #[test]
+    fn arrival_order_needs_rising_offsets_per_partition_and_no_truncate() {
+        let at = |partition: i32, offset: i64| Change { partition, offset, ..ev(1, 1, 1, Op::Tombstone) };
+        let mut order = ArrivalOrder::default();
+        assert!(order.in_offset_order([at(0, 1), at(1, 1), at(0, 2), at(1, 5)].iter()));
+        assert!(!order.in_offset_order([at(0, 2), at(1, 1), at(0, 1)].iter()));
+        assert!(!order.in_offset_order([at(0, 1), at(0, 1)].iter()));
+        let truncate = Change { key: None, op: Op::Truncate, ..at(0, 3) };
+        assert!(!order.in_offset_order([at(0, 1), truncate].iter()));
+        // The buffer is reset between batches: offsets may start lower in the next one.
+        assert!(order.in_offset_order([at(0, 1)].iter()));
+    }
+
+    #[test]
     fn billable_seconds_floor_to_whole_seconds() {
         assert_eq!(billable_seconds(1_999, 3_000), 2);
         assert_eq!(billable_seconds(5_000, 4_000), 0);
