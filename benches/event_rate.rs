@@ -303,10 +303,12 @@ fn send<C: ProducerContext<DeliveryOpaque = ()> + 'static>(
     loop {
         match p.send(rec) {
             Ok(()) => return,
-            Err((_, back)) => {
+            // The producer's queue is full: wait for deliveries to make room. Any other error would repeat forever.
+            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
                 std::thread::sleep(Duration::from_millis(1));
                 rec = back;
             }
+            Err((e, _)) => panic!("bench: producing to {topic} failed: {e}"),
         }
     }
 }
