@@ -51,6 +51,8 @@ pub struct Routes {
     pub metrics: Arc<Metrics>,
     /// Title shown by `/ui`, which renders the first view as a table.
     pub ui_title: String,
+    /// Heading of that table's first column (what the view is keyed by).
+    pub ui_key: String,
 }
 
 fn header(name: &str, value: &str) -> Header {
@@ -104,7 +106,7 @@ fn respond(request: Request, routes: &Routes) {
 
 fn ui_page(routes: &Routes) -> String {
     let path = routes.views.first().map_or("/", |(p, _)| p.as_str());
-    UI_TEMPLATE.replace("{{TITLE}}", &routes.ui_title).replace("{{PATH}}", path)
+    UI_TEMPLATE.replace("{{TITLE}}", &routes.ui_title).replace("{{KEY}}", &routes.ui_key).replace("{{PATH}}", path)
 }
 
 const UI_TEMPLATE: &str = r#"<!doctype html>
@@ -121,9 +123,11 @@ async function tick(){
     const r=await fetch('{{PATH}}');const asof=r.headers.get('X-Tally-As-Of');const data=await r.json();
     const rows=Array.isArray(data)?data.map(o=>[o.food??'',o]):Object.entries(data);
     const cols=rows.length?Object.keys(rows[0][1]).filter(c=>c!=='food'):[];
-    let h='<tr><th>key</th>'+cols.map(c=>'<th>'+c+'</th>').join('')+'</tr>';
-    for(const [k,v] of rows){h+='<tr><td>'+k+'</td>'+cols.map(c=>'<td>'+v[c]+'</td>').join('')+'</tr>';}
-    document.getElementById('t').innerHTML=h;
+    // Keys come from Kafka: cells get text, never markup, so a key like <img onerror=...> stays text.
+    const row=(tag,cells)=>{const tr=document.createElement('tr');
+      for(const c of cells){const e=document.createElement(tag);e.textContent=String(c);tr.appendChild(e);}return tr;};
+    const t=document.getElementById('t');
+    t.replaceChildren(row('th',['{{KEY}}',...cols]),...rows.map(([k,v])=>row('td',[k,...cols.map(c=>v[c])])));
     document.getElementById('asof').textContent='as of '+new Date(Number(asof)).toISOString()+' · '+rows.length+' rows';
   }catch(e){document.getElementById('asof').textContent='error: '+e;}
 }

@@ -251,8 +251,12 @@ fn usage(args: UsageArgs) -> anyhow::Result<()> {
     if cluster.serves_http() {
         let (server, addr) = runtime::bind(&args.listen)?;
         println!("tally: usage view on http://{addr}/ (metrics /metrics, page /ui)");
-        let routes =
-            Routes { views: vec![("/".into(), view.clone())], metrics: metrics.clone(), ui_title: "usage per organization".into() };
+        let routes = Routes {
+            views: vec![("/".into(), view.clone())],
+            metrics: metrics.clone(),
+            ui_title: "usage per organization".into(),
+            ui_key: "organization".into(),
+        };
         runtime::spawn_http(server, routes, shutdown.clone());
     }
     let cfg =
@@ -289,7 +293,12 @@ fn food(args: FoodArgs) -> anyhow::Result<()> {
     if cluster.serves_http() {
         let (server, addr) = runtime::bind(&args.listen)?;
         println!("tally: food counts on http://{addr}/aggregated (metrics /metrics, page /ui)");
-        let routes = Routes { views: vec![("/aggregated".into(), view.clone())], metrics: metrics.clone(), ui_title: "food counts".into() };
+        let routes = Routes {
+            views: vec![("/aggregated".into(), view.clone())],
+            metrics: metrics.clone(),
+            ui_title: "food counts".into(),
+            ui_key: "food".into(),
+        };
         runtime::spawn_http(server, routes, shutdown.clone());
     }
     let cfg = FoodConfig { kafka: args.kafka.config(&args.topic), sqlite: args.sqlite, dead_letter: args.dead_letter, cluster };
