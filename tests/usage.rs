@@ -233,9 +233,16 @@ fn a_cluster_of_two_processes_matches_one_process() {
         .spawn()
         .expect("spawn process 1");
     // Killed on drop, also when an assertion below fails.
-    let _second = common::KillOnDrop(second);
+    let mut second = common::KillOnDrop(second);
     let mut args = usage_args(&broker, "1", dl);
     args.extend(["--processes", "2", "--process", "0", "--hostfile", hf]);
-    let first = Tally::spawn(&args);
+    let mut first = Tally::spawn(&args);
     first.wait_for_json("/", &expected, WAIT);
+    // Both stop cleanly once both are signalled (a killed peer would make timely panic in the other).
+    let term = std::process::Command::new("kill").args(["-TERM", &second.0.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let (status, _) = first.terminate();
+    assert!(status.success(), "process 0 exited with {status}");
+    let status = second.0.wait().unwrap();
+    assert!(status.success(), "process 1 exited with {status}");
 }
