@@ -215,6 +215,25 @@ fn one_glibc_arena() {
     }
 }
 
+/// Timely has no recovery from a lost cluster peer: its network threads panic ("timely communication
+/// error: ... socket closed"), and the process then exits with a cascade of panics. This says what happened
+/// and what to do, once, before them.
+fn explain_lost_peers() {
+    let default = std::panic::take_hook();
+    let said = std::sync::atomic::AtomicBool::new(false);
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info.payload().downcast_ref::<String>().map(String::as_str).or_else(|| info.payload().downcast_ref::<&str>().copied());
+        if msg.is_some_and(|m| m.starts_with("timely communication error")) && !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(
+                cause = msg.unwrap_or_default(),
+                "lost the connection to another process of the cluster (it exited or the network failed); the \
+                 cluster cannot continue without it, so this process exits too: restart every process"
+            );
+        }
+        default(info);
+    }));
+}
+
 fn main() -> anyhow::Result<()> {
     #[cfg(all(feature = "mimalloc", target_os = "linux", target_env = "gnu"))]
     one_glibc_arena();
@@ -222,6 +241,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    explain_lost_peers();
     match Cli::parse().command {
         Command::Usage(args) => usage(args),
         Command::Food(args) => food(args),

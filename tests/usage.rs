@@ -213,31 +213,39 @@ fn malformed_messages_are_counted_dead_lettered_and_do_not_disturb_the_rest() {
     assert_eq!(lines[1]["reason"], "truncated");
 }
 
-#[test]
-fn a_cluster_of_two_processes_matches_one_process() {
-    let broker = Broker::start();
+/// A two-process cluster over 1,000 simulated events on 4 partitions, once process 0 shows their ledger:
+/// process 0 (serving HTTP) and process 1 (its stderr in `stderr_file`; killed on drop).
+fn two_process_cluster(broker: &Broker, dir: &std::path::Path, stderr_file: std::fs::File) -> (Tally, common::KillOnDrop) {
     broker.create_topic(TOPIC, 4);
     let (records, expected) = simulated(1000, 4, 7);
-    produce(&broker, TOPIC, &records);
-    let dir = common::temp_dir("cluster");
+    produce(broker, TOPIC, &records);
     let ports: Vec<u16> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
     let hostfile = dir.join("hosts");
     std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
     let dl = dir.join("dl.jsonl");
     let (dl, hf) = (dl.to_str().unwrap(), hostfile.to_str().unwrap());
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(usage_args(&broker, "1", dl))
+        .args(usage_args(broker, "1", dl))
         .args(["--processes", "2", "--process", "1", "--hostfile", hf, "--listen", "127.0.0.1:0"])
         .env("TALLY_LOG", "warn")
         .stdout(std::process::Stdio::null())
+        .stderr(stderr_file)
         .spawn()
         .expect("spawn process 1");
-    // Killed on drop, also when an assertion below fails.
-    let mut second = common::KillOnDrop(second);
-    let mut args = usage_args(&broker, "1", dl);
+    // Killed on drop, also when an assertion fails.
+    let second = common::KillOnDrop(second);
+    let mut args = usage_args(broker, "1", dl);
     args.extend(["--processes", "2", "--process", "0", "--hostfile", hf]);
-    let mut first = Tally::spawn(&args);
+    let first = Tally::spawn(&args);
     first.wait_for_json("/", &expected, WAIT);
+    (first, second)
+}
+
+#[test]
+fn a_cluster_of_two_processes_matches_one_process() {
+    let broker = Broker::start();
+    let dir = common::temp_dir("cluster");
+    let (mut first, mut second) = two_process_cluster(&broker, &dir, std::fs::File::create(dir.join("p1.log")).unwrap());
     // Both stop cleanly once both are signalled (a killed peer would make timely panic in the other).
     let term = std::process::Command::new("kill").args(["-TERM", &second.0.id().to_string()]).status().unwrap();
     assert!(term.success());
@@ -245,4 +253,25 @@ fn a_cluster_of_two_processes_matches_one_process() {
     assert!(status.success(), "process 0 exited with {status}");
     let status = second.0.wait().unwrap();
     assert!(status.success(), "process 1 exited with {status}");
+}
+
+#[test]
+fn a_lost_cluster_peer_stops_the_other_with_a_clear_error() {
+    let broker = Broker::start();
+    let dir = common::temp_dir("cluster-lost");
+    let log = dir.join("p1.log");
+    let (first, mut second) = two_process_cluster(&broker, &dir, std::fs::File::create(&log).unwrap());
+    first.kill();
+    // Timely cannot go on without a peer: process 1 must exit, not hang serving a frozen view.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "process 1 still running 20 s after losing process 0");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(stderr.matches("lost the connection to another process of the cluster").count(), 1, "{stderr}");
 }
