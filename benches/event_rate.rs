@@ -5,7 +5,8 @@
 //!   cargo bench --bench event_rate -- [--events N] [--running N] [--orgs N] [--updates F] [--workers 1,2]
 //!                                     [--schemas on,off] [--rates 0.1,0.25,0.5] [--skip-python] [--skip-engine]
 //!                                     [--python kafka-python,pathway,bytewax] [--repeat 3] [--idle-s 5]
-//!                                     [--tally-args "..."] [--out DIR]
+//!                                     [--tally-args "..."] [--rate-of N] [--probes N] [--generator-nice N]
+//!                                     [--generator-linger-ms N] [--generator-compression lz4|none|...] [--out DIR]
 //!
 //! The floors and tally's drains run `--repeat` times, interleaved, and report the median run.
 //! Measures, per schema setting: producing into the broker; the broker's own consume rate (no parsing);
