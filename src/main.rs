@@ -290,16 +290,22 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mock = MockCluster::new(1).context("starting the in-process Kafka broker")?;
     mock.create_topic(topic, 1, 1).context("creating the demo topic")?;
     let brokers = mock.bootstrap_servers();
-    tally::sim::spawn_producer(brokers.clone(), topic.to_owned(), Duration::from_millis(args.interval_ms), None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let simulator = tally::sim::spawn_producer(brokers.clone(), topic.to_owned(), Duration::from_millis(args.interval_ms), stop.clone());
     eprintln!("tally demo: in-process broker at {brokers}; simulator deploys/destroys an instance every {} ms", args.interval_ms);
-    usage(UsageArgs {
+    let result = usage(UsageArgs {
         kafka: KafkaArgs { brokers, group_id: "exoscale".into(), client_id: "localhost".into(), kafka_properties: Vec::new() },
         topic: topic.into(),
         listen: args.listen,
         dead_letter: std::env::temp_dir().join("tally-demo-dead-letter.jsonl"),
         decimal_scale: None,
         cluster: ClusterArgs { workers: args.workers, processes: 1, process: 0, hostfile: None, tick_ms: 20 },
-    })
+    });
+    // The simulator's producer goes before the broker it talks to (else librdkafka logs "all brokers down").
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = simulator.join();
+    drop(mock);
+    result
 }
 
 fn food(args: FoodArgs) -> anyhow::Result<()> {

@@ -259,8 +259,13 @@ impl Ledger {
 }
 
 /// Runs the simulator against a Kafka topic in a background thread: one step per `interval`, at wall
-/// time, Debezium-encoded with schemas. Stops after `steps` steps if given.
-pub fn spawn_producer(brokers: String, topic: String, interval: std::time::Duration, steps: Option<u64>) -> std::thread::JoinHandle<()> {
+/// time, Debezium-encoded with schemas, until `stop` is set; then it flushes what it sent and returns.
+pub fn spawn_producer(
+    brokers: String,
+    topic: String,
+    interval: std::time::Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
     std::thread::Builder::new()
         .name("tally-sim".into())
@@ -276,8 +281,7 @@ pub fn spawn_producer(brokers: String, topic: String, interval: std::time::Durat
             let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
             let mut sim = Simulator::new(seed);
             let mut pos = 4;
-            let mut n = 0u64;
-            while steps.is_none_or(|s| n < s) {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
                 let event = sim.step(now_s);
                 for (key, value) in debezium_records(&event, now_s, pos, true) {
@@ -290,7 +294,6 @@ pub fn spawn_producer(brokers: String, topic: String, interval: std::time::Durat
                     }
                 }
                 pos += 300;
-                n += 1;
                 std::thread::sleep(interval);
             }
             let _ = producer.flush(std::time::Duration::from_secs(5));

@@ -52,7 +52,7 @@ fn food_page_shows_keys_from_kafka_as_text_never_markup() {
 #[test]
 fn usage_page_renders_the_demo_view_by_organization() {
     // The demo needs no services: its own in-process broker and simulator.
-    let tally = Tally::spawn(&["demo", "--interval-ms", "20"]);
+    let mut tally = Tally::spawn(&["demo", "--interval-ms", "20"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let view = loop {
         let body = tally.get("/").2;
@@ -70,4 +70,7 @@ fn usage_page_renders_the_demo_view_by_organization() {
     for org in view.keys() {
         assert!(dom.contains(&format!("<tr><td>{org}</td>")), "{org} missing from {dom}");
     }
+    // The demo stops its simulator and then its broker, and exits 0.
+    let (status, _) = tally.terminate();
+    assert!(status.success(), "demo exited with {status}");
 }
