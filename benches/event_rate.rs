@@ -135,13 +135,10 @@ fn root() -> PathBuf {
 
 struct Broker(String);
 impl Broker {
-    /// The broker's process id, from the state `scripts/broker` keeps per port.
+    /// The broker's process id, as `scripts/broker pid` reports it.
     fn pid(&self) -> Option<u32> {
-        let state = std::env::var_os("TALLY_BROKER_STATE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from).join("tally-brokers"));
-        let port = self.0.rsplit(':').next()?;
-        std::fs::read_to_string(state.join(port).join("pid")).ok()?.trim().parse().ok()
+        let out = Command::new(root().join("scripts/broker")).args(["pid", &self.0]).stderr(Stdio::inherit()).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok().filter(|_| out.status.success())
     }
 
     fn start() -> Broker {
