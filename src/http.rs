@@ -38,6 +38,11 @@ impl ViewHandle {
         v.as_of = Some(as_of);
     }
 
+    /// The closed timestamp the body reflects, without copying the body.
+    pub fn as_of(&self) -> Option<u64> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).as_of
+    }
+
     pub fn read(&self) -> (Option<u64>, String) {
         let v = self.0.read().unwrap_or_else(|p| p.into_inner());
         (v.as_of, v.body.clone())
@@ -84,10 +89,12 @@ fn respond(request: Request, routes: &Routes) {
                 .views
                 .iter()
                 .map(|(p, v)| {
-                    format!("{}: {}", serde_json::to_string(p).unwrap_or_default(), v.read().0.map_or("null".into(), |t| t.to_string()))
+                    format!("{}: {}", serde_json::to_string(p).unwrap_or_default(), v.as_of().map_or("null".into(), |t| t.to_string()))
                 })
                 .collect();
-            Response::from_string(format!("{{\"status\":\"ok\",\"as_of\":{{{}}}}}", views.join(","))).with_header(json)
+            let lag = routes.metrics.total_lag().map_or("null".into(), |l| l.to_string());
+            Response::from_string(format!("{{\"status\":\"ok\",\"as_of\":{{{}}},\"lag_messages\":{lag}}}", views.join(",")))
+                .with_header(json)
         }
         (Method::Get, "/ui") => Response::from_string(ui_page(routes)).with_header(header("Content-Type", "text/html; charset=utf-8")),
         (Method::Get | Method::Post | Method::Head, p) => match routes.views.iter().find(|(vp, _)| vp == p) {

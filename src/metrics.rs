@@ -82,6 +82,14 @@ impl Metrics {
         }
     }
 
+    /// Messages not yet read, summed over every partition the Kafka clients have reported (librdkafka's
+    /// statistics, refreshed each second); `None` until the first report.
+    pub fn total_lag(&self) -> Option<i64> {
+        let families = prometheus::core::Collector::collect(&self.lag);
+        let gauges: Vec<i64> = families.iter().flat_map(|f| f.get_metric()).map(|m| m.get_gauge().get_value() as i64).collect();
+        (!gauges.is_empty()).then(|| gauges.iter().sum())
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -62,6 +62,16 @@ fn captured_stream_gives_the_hand_computed_bill() {
     let (status, _, health) = tally.get("/health");
     assert_eq!(status, 200);
     assert!(health.contains("\"status\":\"ok\""), "{health}");
+    // Everything read: the lag librdkafka reports (each second) comes down to 0.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let health: serde_json::Value = serde_json::from_str(&tally.get("/health").2).unwrap();
+        if health["lag_messages"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "lag never reached 0: {health}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(tally.get("/ui").2.contains("<table"));
 }
 
