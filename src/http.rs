@@ -64,14 +64,34 @@ fn header(name: &str, value: &str) -> Header {
     Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("header names and values here are ASCII")
 }
 
-/// Serves requests until `shutdown` is set. Takes a bound server so callers (and tests) choose the port.
+/// Threads answering requests. tiny_http writes a response on the thread that answers it, so a client that
+/// stops reading a large body holds that thread (tiny_http sets no write timeout): with several, the others
+/// keep answering. As many stuck clients at once would still hold them all.
+const RESPONDERS: usize = 4;
+
+/// Serves requests until `shutdown` is set, on [`RESPONDERS`] threads; returns once they have all stopped.
+/// Takes a bound server so callers (and tests) choose the port.
 pub fn serve(server: Server, routes: Routes, shutdown: Arc<AtomicBool>) {
-    while !shutdown.load(Ordering::Relaxed) {
-        match server.recv_timeout(Duration::from_millis(200)) {
-            Ok(Some(request)) => respond(request, &routes),
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "HTTP accept failed"),
-        }
+    let (server, routes) = (Arc::new(server), Arc::new(routes));
+    let threads: Vec<_> = (0..RESPONDERS)
+        .map(|i| {
+            let (server, routes, shutdown) = (server.clone(), routes.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name(format!("tally-http-{i}"))
+                .spawn(move || {
+                    while !shutdown.load(Ordering::Relaxed) {
+                        match server.recv_timeout(Duration::from_millis(200)) {
+                            Ok(Some(request)) => respond(request, &routes),
+                            Ok(None) => {}
+                            Err(e) => warn!(error = %e, "HTTP accept failed"),
+                        }
+                    }
+                })
+                .expect("spawning a thread at startup")
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
     }
 }
 
@@ -141,3 +161,41 @@ async function tick(){
 tick();setInterval(tick,1000);
 </script></body></html>
 "#;
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use super::*;
+
+    #[test]
+    fn a_client_that_stops_reading_a_large_view_does_not_hold_up_the_others() {
+        let server = Server::http("127.0.0.1:0").expect("bind");
+        let addr = server.server_addr().to_ip().expect("an IP address");
+        // Larger than the kernel's socket buffers can take in (here at most 32 MiB received + 4 MiB sent).
+        let view = ViewHandle::new(&"x".repeat(64 << 20));
+        let routes =
+            Routes { views: vec![("/".into(), view)], metrics: Arc::new(Metrics::new()), ui_title: "t".into(), ui_key: "k".into() };
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let serving = {
+            let shutdown = shutdown.clone();
+            std::thread::spawn(move || serve(server, routes, shutdown))
+        };
+        // Asks for the view and never reads it: the thread answering it blocks in its write.
+        let mut stuck = TcpStream::connect(addr).expect("connect");
+        stuck.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").expect("request");
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..3 {
+            let mut other = TcpStream::connect(addr).expect("connect");
+            other.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            other.write_all(b"GET /health HTTP/1.0\r\n\r\n").expect("request");
+            let mut reply = String::new();
+            other.read_to_string(&mut reply).expect("an answer within 5 s while another client is stuck");
+            assert!(reply.contains("\"status\":\"ok\""), "{reply}");
+        }
+        shutdown.store(true, Ordering::Relaxed);
+        drop(stuck);
+        serving.join().expect("server threads end");
+    }
+}
