@@ -148,9 +148,9 @@ pub fn publish<'s, K, R>(
     R: timely::ExchangeData + Semigroup + IsZero,
 {
     let is_publisher = collection.scope().index() == 0;
-    // Per key: its accumulated value and that value's rendered member (refreshed below when stale).
+    // Per key: its accumulated value and that value's rendered member; an empty member is stale (a rendered
+    // one never is) and is redone below, once however many closed timestamps changed the key.
     let mut state: BTreeMap<K, (R, String)> = BTreeMap::new();
-    let mut stale: Vec<K> = Vec::new();
     let mut pending: Vec<(K, u64, R)> = Vec::new();
     let mut last_as_of = None;
     collection.inner.exchange(|_| 0u64).sink(Pipeline, name, move |(input, frontier)| {
@@ -159,30 +159,24 @@ pub fn publish<'s, K, R>(
             return;
         }
         let bound = frontier.frontier().first().copied();
-        let changed = drain_closed(&mut pending, bound, |k, r| {
-            match state.entry(k.clone()) {
-                std::collections::btree_map::Entry::Occupied(mut o) => {
-                    o.get_mut().0.plus_equals(r);
-                    if o.get().0.is_zero() {
-                        o.remove();
-                        return;
-                    }
+        let changed = drain_closed(&mut pending, bound, |k, r| match state.entry(k.clone()) {
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                o.get_mut().0.plus_equals(r);
+                if o.get().0.is_zero() {
+                    o.remove();
+                } else {
+                    o.get_mut().1.clear();
                 }
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    if r.is_zero() {
-                        return;
-                    }
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                if !r.is_zero() {
                     v.insert((r.clone(), String::new()));
                 }
             }
-            stale.push(k.clone());
         });
-        // A key can change at several closed timestamps drained at once: render it once.
-        stale.sort_unstable();
-        stale.dedup();
-        for k in stale.drain(..) {
-            if let Some((r, rendered)) = state.get_mut(&k) {
-                *rendered = member(&k, r);
+        if changed > 0 {
+            for (k, (r, rendered)) in state.iter_mut().filter(|(_, (_, rendered))| rendered.is_empty()) {
+                *rendered = member(k, r);
             }
         }
         let as_of = match bound {
