@@ -456,8 +456,8 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     fn fixtures() -> PathBuf {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/debezium");
-        assert!(dir.is_dir(), "fixtures missing at {}: ../shared must sit beside the checkout", dir.display());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debezium");
+        assert!(dir.is_dir(), "fixtures missing at {}", dir.display());
         dir
     }
 

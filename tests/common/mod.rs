@@ -19,7 +19,7 @@ pub fn root() -> PathBuf {
 }
 
 pub fn fixtures() -> PathBuf {
-    let dir = root().join("../shared/fixtures/debezium");
+    let dir = root().join("tests/fixtures/debezium");
     assert!(dir.is_dir(), "fixtures missing at {}", dir.display());
     dir
 }
