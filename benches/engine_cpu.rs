@@ -46,7 +46,9 @@ fn main() {
                 let (probe, usage) = dataflows::usage::usage(stream).usage.probe();
                 let view = std::rc::Rc::new(std::cell::RefCell::new(HashMap::<String, Usage>::new()));
                 let sink = view.clone();
-                usage.inspect(move |(org, _t, diff)| sink.borrow_mut().entry(org.clone()).or_default().plus_equals(diff));
+                usage.inspect(move |(org, _t, diff)| {
+                    sink.borrow_mut().entry(org.clone()).or_default().plus_equals(diff)
+                });
                 (input, probe, view)
             });
             // This thread's CPU time, in clock ticks of 1/100 s.
@@ -58,8 +60,16 @@ fn main() {
                 worker.step_while(|| probe.less_than(&next));
             }
             let orgs = view.borrow().values().filter(|u| u.running > 0).count();
-            (start.elapsed().as_secs_f64(), (cpu_ticks::cpu_ticks("thread-self") - cpu0) as f64 / 100.0, orgs)
+            (
+                start.elapsed().as_secs_f64(),
+                (cpu_ticks::cpu_ticks("thread-self") - cpu0) as f64 / 100.0,
+                orgs,
+            )
         });
-        println!("{run},{n},{wall:.3},{cpu:.2},{:.0},{:.0},{orgs}", n as f64 / wall, n as f64 / cpu);
+        println!(
+            "{run},{n},{wall:.3},{cpu:.2},{:.0},{:.0},{orgs}",
+            n as f64 / wall,
+            n as f64 / cpu
+        );
     }
 }

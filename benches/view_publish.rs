@@ -1,5 +1,5 @@
 //! Cost of publishing the usage view with many organizations: a full render of the whole view (what
-//! every tick did before members were kept), against a publish through `tally::runtime::publish` where
+//! every tick did before members were kept), against a publish through `tally::runtime::publish::publish` where
 //! each tick changes `CHANGED` organizations (their members redone, then all joined).
 //!
 //!   cargo bench --bench view_publish -- [ORGS, default 50000] [CHANGED, default 100] [TICKS, default 50]
@@ -13,7 +13,8 @@ use dataflows::usage::Usage;
 use differential_dataflow::input::Input;
 use tally::http::ViewHandle;
 use tally::metrics::Metrics;
-use tally::runtime::{publish, render_usage, usage_member};
+use tally::pipelines::usage::{render_usage, usage_member};
+use tally::runtime::publish::publish;
 
 /// The allocator tally itself runs with.
 #[cfg(feature = "mimalloc")]
@@ -26,7 +27,11 @@ fn main() {
     let changed = args.get(1).copied().unwrap_or(100).min(orgs);
     let ticks = args.get(2).copied().unwrap_or(50).max(1);
     let org = |i: usize| format!("{i:08x}-3d3b-4896-bd13-673f1a840170");
-    let usage = Usage { started: 12, running: 3, billing: Money::from_int(123_456) };
+    let usage = Usage {
+        started: 12,
+        running: 3,
+        billing: Money::from_int(123_456),
+    };
 
     let state: BTreeMap<String, Usage> = (0..orgs).map(|i| (org(i), usage)).collect();
     let start = Instant::now();
@@ -40,7 +45,13 @@ fn main() {
         let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (input, view) = scope.new_collection::<String, Usage>();
             let (probe, view) = view.probe();
-            publish(view, "usage", ViewHandle::new("{}"), Arc::new(Metrics::new()), usage_member);
+            publish(
+                view,
+                "usage",
+                ViewHandle::new("{}"),
+                Arc::new(Metrics::new()),
+                usage_member,
+            );
             (input, probe)
         });
         for i in 0..orgs {
@@ -53,7 +64,13 @@ fn main() {
         let start = Instant::now();
         for t in 0..ticks {
             for k in 0..changed {
-                input.update(org((t * changed + k) % orgs), Usage { started: 1, ..Usage::default() });
+                input.update(
+                    org((t * changed + k) % orgs),
+                    Usage {
+                        started: 1,
+                        ..Usage::default()
+                    },
+                );
             }
             input.advance_to(t as u64 + 2);
             input.flush();

@@ -55,7 +55,10 @@ impl DecodeError {
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot bind HTTP on {addr}: {source}")]
-    Bind { addr: String, source: Box<dyn std::error::Error + Send + Sync> },
+    Bind {
+        addr: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("timely: {0}")]
     Timely(String),
     #[error("cannot open dead-letter file {path}: {source}")]

@@ -6,8 +6,8 @@
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod pipelines;
 pub mod runtime;
-pub mod sim;
-pub mod simulate;
 pub mod sinks;
 pub mod sources;
+pub mod tools;

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Broker, MariaDb, Tally};
+use common::{Broker, MariaDb};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -39,7 +39,14 @@ fn reference(before_snapshot: &Path, audit: &Path) -> serde_json::Value {
         let id = e["id"].as_i64().unwrap();
         match e["op"].as_str().unwrap() {
             "deploy" => {
-                snapshot.insert(id, (e["org"].as_str().unwrap().to_owned(), e["price"].as_i64().unwrap(), e["started"].as_i64().unwrap()));
+                snapshot.insert(
+                    id,
+                    (
+                        e["org"].as_str().unwrap().to_owned(),
+                        e["price"].as_i64().unwrap(),
+                        e["started"].as_i64().unwrap(),
+                    ),
+                );
             }
             "price" => snapshot.get_mut(&id).expect("live row").1 = e["price"].as_i64().unwrap(),
             _ => {
@@ -49,7 +56,15 @@ fn reference(before_snapshot: &Path, audit: &Path) -> serde_json::Value {
     }
     for (id, (org, price, started)) in snapshot {
         per_org.entry(org.clone()).or_default().0 += 1;
-        live.insert(id, Live { org, price, since: started, accrued: 0 });
+        live.insert(
+            id,
+            Live {
+                org,
+                price,
+                since: started,
+                accrued: 0,
+            },
+        );
     }
     for line in std::fs::read_to_string(audit).expect("audit").lines() {
         let e: serde_json::Value = serde_json::from_str(line).expect("audit line");
@@ -58,7 +73,15 @@ fn reference(before_snapshot: &Path, audit: &Path) -> serde_json::Value {
             "deploy" => {
                 let org = e["org"].as_str().unwrap().to_owned();
                 per_org.entry(org.clone()).or_default().0 += 1;
-                live.insert(id, Live { org, price: e["price"].as_i64().unwrap(), since: e["started"].as_i64().unwrap(), accrued: 0 });
+                live.insert(
+                    id,
+                    Live {
+                        org,
+                        price: e["price"].as_i64().unwrap(),
+                        since: e["started"].as_i64().unwrap(),
+                        accrued: 0,
+                    },
+                );
             }
             "price" => {
                 let row = live.get_mut(&id).expect("price change of a live row");
@@ -76,13 +99,33 @@ fn reference(before_snapshot: &Path, audit: &Path) -> serde_json::Value {
     for row in live.values() {
         per_org.entry(row.org.clone()).or_default().1 += 1;
     }
-    serde_json::Value::Object(per_org.into_iter().map(|(o, (s, r, b))| (o, json!({"started": s, "running": r, "billing": b}))).collect())
+    serde_json::Value::Object(
+        per_org
+            .into_iter()
+            .map(|(o, (s, r, b))| (o, json!({"started": s, "running": r, "billing": b})))
+            .collect(),
+    )
 }
 
 fn simulate(db: &MariaDb, audit: &Path, steps: u32, interval_ms: u32, seed: u32) {
     let status = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["simulate", "--mariadb-url", &db.url(), "--steps", &steps.to_string(), "--interval-ms", &interval_ms.to_string()])
-        .args(["--price-change", "0.15", "--seed", &seed.to_string(), "--audit", audit.to_str().unwrap()])
+        .args([
+            "simulate",
+            "--mariadb-url",
+            &db.url(),
+            "--steps",
+            &steps.to_string(),
+            "--interval-ms",
+            &interval_ms.to_string(),
+        ])
+        .args([
+            "--price-change",
+            "0.15",
+            "--seed",
+            &seed.to_string(),
+            "--audit",
+            audit.to_str().unwrap(),
+        ])
         .env("TALLY_LOG", "warn")
         .status()
         .expect("run tally simulate");
@@ -91,9 +134,20 @@ fn simulate(db: &MariaDb, audit: &Path, steps: u32, interval_ms: u32, seed: u32)
 
 /// The Debezium bridge (scripts/debezium run), killed -9 on drop.
 fn start_bridge(db: &MariaDb, broker: &Broker, state: &Path, log: &Path) -> common::KillOnDrop {
-    let log = std::fs::File::options().create(true).append(true).open(log).expect("bridge log");
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("bridge log");
     let child = Command::new(common::root().join("scripts/debezium"))
-        .args(["run", &db.addr, &broker.addr, state.to_str().unwrap(), "--flush-ms", "1000"])
+        .args([
+            "run",
+            &db.addr,
+            &broker.addr,
+            state.to_str().unwrap(),
+            "--flush-ms",
+            "1000",
+        ])
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .stdin(Stdio::null())
@@ -112,19 +166,27 @@ fn mariadb_debezium_kafka_tally_equals_the_audit_through_restarts() {
     std::fs::write(&audit, "").unwrap();
     let expected = || reference(&before, &audit);
     let dl = dir.join("dl.jsonl");
-    let args = ["usage", "--brokers", &broker.addr, "-w", "2", "--dead-letter", dl.to_str().unwrap()];
+    let args = [
+        "usage",
+        "--brokers",
+        &broker.addr,
+        "-w",
+        "2",
+        "--dead-letter",
+        dl.to_str().unwrap(),
+    ];
 
     // Rows that exist before the connector starts reach tally as snapshot reads.
     simulate(&db, &before, 40, 10, 1);
     let bridge = start_bridge(&db, &broker, &state, &log);
-    let tally = Tally::spawn(&args);
+    let tally = common::spawn_tally(&args);
     tally.wait_for_json("/", &expected(), WAIT); // the snapshot is in: from here on everything streams
     simulate(&db, &audit, 150, 20, 2);
     let first = tally.wait_for_json("/", &expected(), WAIT);
 
     // Restart tally: it rebuilds from the earliest offset to the same bytes.
     tally.kill();
-    let tally = Tally::spawn(&args);
+    let tally = common::spawn_tally(&args);
     assert_eq!(tally.wait_for_json("/", &expected(), WAIT), first);
 
     // A connector crash: records it delivered after its last offset flush are delivered again on restart.
@@ -142,9 +204,16 @@ fn mariadb_debezium_kafka_tally_equals_the_audit_through_restarts() {
     simulate(&db, &audit, 60, 20, 5);
     tally.wait_for_json("/", &expected(), WAIT);
     let duplicates = tally.metric("tally_usage_events_total{kind=\"duplicate\"}");
-    assert!(duplicates >= 20.0, "the burst was re-delivered and recognised ({duplicates} duplicates)");
+    assert!(
+        duplicates >= 20.0,
+        "the burst was re-delivered and recognised ({duplicates} duplicates)"
+    );
     let audit_lines = std::fs::read_to_string(&audit).unwrap().lines().count();
     let read = tally.metric("tally_source_messages_total{partition=\"0\",topic=\"topic.cloud.instances\"}");
     eprintln!("audit: {audit_lines} statements; tally read {read} records, recognised {duplicates} re-delivered ones");
-    assert_eq!(std::fs::read_to_string(&dl).unwrap_or_default(), "", "real Debezium output never dead-letters");
+    assert_eq!(
+        std::fs::read_to_string(&dl).unwrap_or_default(),
+        "",
+        "real Debezium output never dead-letters"
+    );
 }

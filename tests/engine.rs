@@ -8,14 +8,16 @@ use std::sync::{Arc, Mutex};
 
 use dataflows::usage::{Change, Usage};
 use differential_dataflow::difference::{IsZero, Semigroup};
-use tally::sim::{debezium_records, Ledger, Workload};
-use tally::sources::debezium::{DebeziumDecoder, Decoded, Meta};
+use tally::pipelines::usage::{render_usage, UsageDecoder};
+use tally::sources::decode::{Decoded, Decoder, Metadata};
+use tally::tools::sim::debezium_records;
+use testkit::{Ledger, Workload};
 use timely::dataflow::operators::Input;
 
 fn workload(events: usize) -> (Vec<Change>, serde_json::Value) {
     let mut w = Workload::new(9, 20, 500, 0.3, 7);
     let mut ledger = Ledger::default();
-    let mut decoder = DebeziumDecoder::new(None);
+    let mut decoder = UsageDecoder::new(None);
     let mut offsets = [0i64; 4];
     let mut changes = Vec::new();
     for i in 0..events {
@@ -24,9 +26,14 @@ fn workload(events: usize) -> (Vec<Change>, serde_json::Value) {
         let id = event.row().id;
         let partition = (id % 4) as i32;
         for (k, v) in debezium_records(&event, ts, 4 + i as u64 * 10, i % 3 == 0) {
-            let meta = Meta { partition, offset: offsets[partition as usize], ..Meta::default() };
+            let meta = Metadata::at("topic.cloud.instances", partition, offsets[partition as usize]);
             offsets[partition as usize] += 1;
-            let Decoded::Change(c) = decoder.decode(Some(k.as_bytes()), v.as_deref().map(str::as_bytes), meta).unwrap() else { panic!() };
+            let Decoded::Record(c) = decoder
+                .decode(Some(k.as_bytes()), v.as_deref().map(str::as_bytes), &meta)
+                .unwrap()
+            else {
+                panic!()
+            };
             changes.push(c);
         }
     }
@@ -59,7 +66,7 @@ fn run(changes: Arc<Vec<Change>>, workers: usize, batch: usize) -> serde_json::V
     .join();
     let map = result.lock().unwrap().clone();
     let live: BTreeMap<String, Usage> = map.into_iter().filter(|(_, u)| !u.is_zero()).collect();
-    serde_json::from_str(&tally::runtime::render_usage(&live)).unwrap()
+    serde_json::from_str(&render_usage(&live)).unwrap()
 }
 
 #[test]
@@ -68,7 +75,11 @@ fn one_two_and_three_workers_match_the_ledger() {
     let changes = Arc::new(changes);
     for workers in [1, 2, 3] {
         for batch in [13, 5000] {
-            assert_eq!(run(changes.clone(), workers, batch), expected, "{workers} workers, batches of {batch}");
+            assert_eq!(
+                run(changes.clone(), workers, batch),
+                expected,
+                "{workers} workers, batches of {batch}"
+            );
         }
     }
 }

@@ -15,7 +15,7 @@ const WAIT: Duration = Duration::from_secs(90);
 
 /// `n` food events drawn from the datafeed's names (deterministic), spread over `partitions`.
 fn events(n: usize, partitions: i32, seed: u64) -> (Vec<Rec>, BTreeMap<String, i64>) {
-    let names = tally::sim::foods();
+    let names = tally::tools::sim::foods();
     let mut expected = BTreeMap::new();
     let mut x = seed;
     let records = (0..n)
@@ -37,7 +37,10 @@ fn events(n: usize, partitions: i32, seed: u64) -> (Vec<Rec>, BTreeMap<String, i
 fn table(path: &Path) -> BTreeMap<String, i64> {
     let conn = Connection::open(path).expect("open sqlite");
     let mut stmt = conn.prepare("select * from aggregated").expect("select");
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query").collect::<Result<_, _>>().expect("rows")
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
 }
 
 fn api_counts(tally: &Tally) -> BTreeMap<String, i64> {
@@ -46,7 +49,14 @@ fn api_counts(tally: &Tally) -> BTreeMap<String, i64> {
         return BTreeMap::new();
     }
     let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
-    rows.iter().map(|r| (r["food"].as_str().unwrap_or("").to_owned(), r["count"].as_i64().unwrap_or(0))).collect()
+    rows.iter()
+        .map(|r| {
+            (
+                r["food"].as_str().unwrap_or("").to_owned(),
+                r["count"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect()
 }
 
 fn wait_counts(tally: &Tally, expected: &BTreeMap<String, i64>) {
@@ -79,7 +89,17 @@ fn throttled_producer(broker: &Broker, records: &[Rec]) -> std::thread::JoinHand
 }
 
 fn food_args<'a>(broker: &'a Broker, workers: &'a str, sqlite: &'a str, dl: &'a str) -> Vec<&'a str> {
-    vec!["food", "--brokers", &broker.addr, "-w", workers, "--sqlite", sqlite, "--dead-letter", dl]
+    vec![
+        "food",
+        "--brokers",
+        &broker.addr,
+        "-w",
+        workers,
+        "--sqlite",
+        sqlite,
+        "--dead-letter",
+        dl,
+    ]
 }
 
 #[test]
@@ -97,34 +117,67 @@ fn exact_counts_into_the_existing_table_with_bad_messages_dead_lettered() {
     }
     let (mut records, mut expected) = events(2000, 1, 1);
     *expected.entry("pie".into()).or_insert(0) += 5;
-    let bad = |v: &[u8]| Rec { partition: 0, key: None, value: Some(v.to_vec()), headers: vec![] };
+    let bad = |v: &[u8]| Rec {
+        partition: 0,
+        key: None,
+        value: Some(v.to_vec()),
+        headers: vec![],
+    };
     let long = format!("{{\"food\": \"{}\"}}", "y".repeat(1000));
-    for (i, b) in
-        [&b"\xff\x00garbage"[..], b"{\"drink\": \"tea\"}", b"{\"food\": 7}", b"{\"food\": \"\"}", long.as_bytes(), b"{\"food\": \"pi"]
-            .iter()
-            .enumerate()
+    for (i, b) in [
+        &b"\xff\x00garbage"[..],
+        b"{\"drink\": \"tea\"}",
+        b"{\"food\": 7}",
+        b"{\"food\": \"\"}",
+        long.as_bytes(),
+        b"{\"food\": \"pi",
+    ]
+    .iter()
+    .enumerate()
     {
         records.insert(100 + i * 300, bad(b));
     }
     produce(&broker, TOPIC, &records);
     let dl = dir.join("dl.jsonl");
-    let tally = Tally::spawn(&food_args(&broker, "1", db.to_str().unwrap(), dl.to_str().unwrap()));
+    let tally = common::spawn_tally(&food_args(&broker, "1", db.to_str().unwrap(), dl.to_str().unwrap()));
     wait_counts(&tally, &expected);
     assert_eq!(table(&db), expected, "the SQLite file itself holds the counts");
     let conn = Connection::open(&db).unwrap();
-    let sql: String = conn.query_row("SELECT sql FROM sqlite_master WHERE name='aggregated'", [], |r| r.get(0)).unwrap();
+    let sql: String = conn
+        .query_row("SELECT sql FROM sqlite_master WHERE name='aggregated'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
     assert_eq!(sql, ddl, "structure unchanged");
     // The API's shape: an array of {"count": N, "food": name}.
     let (_, _, body) = tally.get("/aggregated");
     let first = &serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()[0];
     assert_eq!(first.as_object().unwrap().keys().collect::<Vec<_>>(), ["count", "food"]);
-    let dead: Vec<serde_json::Value> = std::fs::read_to_string(&dl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let dead: Vec<serde_json::Value> = std::fs::read_to_string(&dl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(dead.len(), 6);
     let reasons: Vec<&str> = dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
-    assert_eq!(reasons, ["malformed", "missing_field", "wrong_type", "invalid", "invalid", "truncated"]);
+    assert_eq!(
+        reasons,
+        [
+            "malformed",
+            "missing_field",
+            "wrong_type",
+            "invalid",
+            "invalid",
+            "truncated"
+        ]
+    );
     let errors: f64 = ["malformed", "missing_field", "wrong_type", "invalid", "truncated"]
         .iter()
-        .map(|r| tally.metric(&format!("tally_source_decode_errors_total{{reason=\"{r}\",topic=\"message\"}}")))
+        .map(|r| {
+            tally.metric(&format!(
+                "tally_source_decode_errors_total{{reason=\"{r}\",topic=\"message\"}}"
+            ))
+        })
         .sum();
     assert_eq!(errors, 6.0);
     assert!(tally.metric("tally_sink_batches_total{sink=\"sqlite\"}") >= 1.0);
@@ -145,11 +198,12 @@ fn kill_nine_mid_stream_and_restart_counts_exactly_once() {
     // Events committed so far (0 until tally has created the table).
     let committed = || -> i64 {
         let Ok(conn) = Connection::open(&db) else { return 0 };
-        conn.query_row("SELECT coalesce(sum(count), 0) FROM aggregated", [], |r| r.get(0)).unwrap_or(0)
+        conn.query_row("SELECT coalesce(sum(count), 0) FROM aggregated", [], |r| r.get(0))
+            .unwrap_or(0)
     };
     let mut kills = Vec::new();
     for _ in 0..3 {
-        let tally = Tally::spawn(&args);
+        let tally = common::spawn_tally(&args);
         let before = committed();
         let deadline = Instant::now() + WAIT;
         // Wait for at least one new commit by this process, then kill -9 at once.
@@ -161,7 +215,7 @@ fn kill_nine_mid_stream_and_restart_counts_exactly_once() {
         kills.push(committed());
     }
     producer.join().unwrap();
-    let last = Tally::spawn(&args);
+    let last = common::spawn_tally(&args);
     wait_counts(&last, &expected);
     assert_eq!(table(&db), expected);
     eprintln!("killed at {kills:?} of {total} events committed; final counts exact");
@@ -177,9 +231,13 @@ fn sigterm_mid_stream_commits_what_was_read_and_exits_zero() {
     let (records, expected) = events(20_000, 2, 4);
     let args = food_args(&broker, "1", db.to_str().unwrap(), dl.to_str().unwrap());
     let producer = throttled_producer(&broker, &records);
-    let sql = |q: &str| -> i64 { Connection::open(&db).and_then(|c| c.query_row(q, [], |r| r.get(0))).unwrap_or(0) };
+    let sql = |q: &str| -> i64 {
+        Connection::open(&db)
+            .and_then(|c| c.query_row(q, [], |r| r.get(0)))
+            .unwrap_or(0)
+    };
     let counted = || sql("SELECT coalesce(sum(count), 0) FROM aggregated");
-    let mut tally = Tally::spawn(&args);
+    let mut tally = common::spawn_tally(&args);
     let deadline = Instant::now() + WAIT;
     while counted() == 0 {
         assert!(Instant::now() < deadline, "nothing committed");
@@ -188,11 +246,14 @@ fn sigterm_mid_stream_commits_what_was_read_and_exits_zero() {
     let (status, took) = tally.terminate();
     assert!(status.success(), "SIGTERM should end tally cleanly, got {status}");
     // Every message below the committed offsets is counted, and nothing else (all events here are valid).
-    let (at_stop, offsets) = (counted(), sql("SELECT coalesce(sum(next_offset), 0) FROM tally_offsets"));
+    let (at_stop, offsets) = (
+        counted(),
+        sql("SELECT coalesce(sum(next_offset), 0) FROM tally_offsets"),
+    );
     assert_eq!(at_stop, offsets, "counts and offsets committed together");
     assert!(at_stop < 20_000, "stopped mid-stream");
     producer.join().unwrap();
-    let last = Tally::spawn(&args);
+    let last = common::spawn_tally(&args);
     wait_counts(&last, &expected);
     eprintln!("SIGTERM after {at_stop} events: exited in {took:?}; final counts exact");
 }
@@ -208,7 +269,7 @@ fn two_workers_over_four_partitions_equal_one_worker() {
     for workers in ["1", "2"] {
         let db = dir.join(format!("w{workers}.db"));
         let dl = dir.join(format!("w{workers}.jsonl"));
-        let tally = Tally::spawn(&food_args(&broker, workers, db.to_str().unwrap(), dl.to_str().unwrap()));
+        let tally = common::spawn_tally(&food_args(&broker, workers, db.to_str().unwrap(), dl.to_str().unwrap()));
         wait_counts(&tally, &expected);
         bodies.push(tally.get("/aggregated").2);
     }

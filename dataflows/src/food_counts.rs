@@ -70,7 +70,11 @@ mod tests {
 
     #[test]
     fn duplicates_in_a_batch_and_retractions_accumulate() {
-        let (counts, _) = run(vec![vec![("bagel", 1), ("bagel", 1), ("bagel", 1)], vec![("bagel", -1)], vec![("aroma", 1), ("aroma", -1)]]);
+        let (counts, _) = run(vec![
+            vec![("bagel", 1), ("bagel", 1), ("bagel", 1)],
+            vec![("bagel", -1)],
+            vec![("aroma", 1), ("aroma", -1)],
+        ]);
         assert_eq!(counts, BTreeMap::from([("bagel".into(), 2)]));
     }
 

@@ -71,7 +71,10 @@ impl Money {
         let mut unscaled: i128 = 0;
         for c in int_part.chars().chain(frac_part.chars()) {
             let d = c.to_digit(10).ok_or(MoneyError::Syntax)?;
-            unscaled = unscaled.checked_mul(10).and_then(|u| u.checked_add(i128::from(d))).ok_or(MoneyError::Overflow)?;
+            unscaled = unscaled
+                .checked_mul(10)
+                .and_then(|u| u.checked_add(i128::from(d)))
+                .ok_or(MoneyError::Overflow)?;
         }
         if negative {
             unscaled = -unscaled;
@@ -79,7 +82,10 @@ impl Money {
         // value = unscaled * 10^(exponent - frac_len)
         let shift = i64::from(exponent) - frac_part.len() as i64;
         if shift >= 0 {
-            let factor = u32::try_from(shift).ok().and_then(|s| 10i128.checked_pow(s)).ok_or(MoneyError::Overflow)?;
+            let factor = u32::try_from(shift)
+                .ok()
+                .and_then(|s| 10i128.checked_pow(s))
+                .ok_or(MoneyError::Overflow)?;
             let whole = unscaled.checked_mul(factor).ok_or(MoneyError::Overflow)?;
             Money::from_unscaled(whole, 0)
         } else {
@@ -93,6 +99,7 @@ impl Money {
         Money(self.0.saturating_mul(i128::from(n)))
     }
 
+    /// Exactly zero.
     pub fn is_zero(&self) -> bool {
         self.0 == 0
     }

@@ -37,7 +37,9 @@ use crate::money::Money;
 /// One row of `cloud.instances`, as far as billing needs it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Row {
+    /// `organization_uuid`.
     pub org: String,
+    /// `instance_uuid`.
     pub instance: String,
     /// Price per second.
     pub price: Money,
@@ -48,8 +50,11 @@ pub struct Row {
 /// A binlog coordinate (`source.file` number, `source.pos`, `source.row`): totally ordered in commit order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Pos {
+    /// The binlog file's number.
     pub file: u64,
+    /// The event's position in that file.
     pub pos: u64,
+    /// The row's index within the event.
     pub row: u32,
 }
 
@@ -68,9 +73,21 @@ pub enum Upsert {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Op {
     /// `r`, `c` or `u` with the new row image. `moved_in`: the create half of a primary-key change.
-    Upsert { kind: Upsert, row: Row, moved_in: bool },
+    Upsert {
+        /// How it arrived.
+        kind: Upsert,
+        /// The new row image.
+        row: Row,
+        /// The create half of a primary-key change.
+        moved_in: bool,
+    },
     /// `d` with the old row image if present. `moved_out`: the delete half of a primary-key change.
-    Delete { before: Option<Row>, moved_out: bool },
+    Delete {
+        /// The old row image, when the connector sends it.
+        before: Option<Row>,
+        /// The delete half of a primary-key change.
+        moved_out: bool,
+    },
     /// A null value: Kafka log compaction's marker after a delete.
     Tombstone,
     /// `t`: every row is gone.
@@ -82,20 +99,26 @@ pub enum Op {
 pub struct Change {
     /// The Kafka key's payload (compact JSON, e.g. `{"id":4}`); `None` only for a truncate.
     pub key: Option<String>,
+    /// The Kafka partition it was read from.
     pub partition: i32,
+    /// Its offset there.
     pub offset: i64,
     /// Binlog position, when the connector reports one and the event is not from an incremental snapshot.
     pub pos: Option<Pos>,
     /// `source.ts_ms`: when the change happened in the database.
     pub ts_ms: i64,
+    /// What it does to its key.
     pub op: Op,
 }
 
 /// Per organization: the difference type of the usage view. Adding differences is the aggregation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Usage {
+    /// Instances that appeared (inserted, or read by a snapshot).
     pub started: i64,
+    /// Instances live now.
     pub running: i64,
+    /// What the destroyed instances cost: price per second times the seconds each price was in force.
     pub billing: Money,
 }
 
@@ -127,7 +150,11 @@ impl Multiply<isize> for Usage {
     type Output = Usage;
     fn multiply(self, rhs: &isize) -> Usage {
         let n = *rhs as i64;
-        Usage { started: self.started * n, running: self.running * n, billing: self.billing.times(n) }
+        Usage {
+            started: self.started * n,
+            running: self.running * n,
+            billing: self.billing.times(n),
+        }
     }
 }
 
@@ -151,9 +178,44 @@ pub enum Note {
 pub enum Delta {
     /// A row of this organization appeared (`+1`) or went (`-1`).
     Running(String),
+    /// A row of this organization started.
     Started(String),
+    /// A row of this organization closed with this bill.
     Billed(String, Money),
+    /// Something worth counting.
     Note(Note),
+}
+
+impl Delta {
+    /// What this delta, `diff` times, adds to its organization's usage; a note adds nothing and is
+    /// returned as the error.
+    pub fn into_usage(self, diff: isize) -> Result<(String, Usage), Note> {
+        let n = diff as i64;
+        match self {
+            Delta::Running(org) => Ok((
+                org,
+                Usage {
+                    running: n,
+                    ..Usage::default()
+                },
+            )),
+            Delta::Started(org) => Ok((
+                org,
+                Usage {
+                    started: n,
+                    ..Usage::default()
+                },
+            )),
+            Delta::Billed(org, amount) => Ok((
+                org,
+                Usage {
+                    billing: amount.times(n),
+                    ..Usage::default()
+                },
+            )),
+            Delta::Note(note) => Err(note),
+        }
+    }
 }
 
 /// Whole seconds between two epoch-millisecond instants, as MariaDB's second-resolution clock counts
@@ -186,17 +248,21 @@ pub struct UpsertState {
 
 impl UpsertState {
     /// Keys held (live rows and deleted keys awaiting their tombstone).
+    /// Keys held.
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// No key held.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
 
     /// Is this event a re-delivery of one already applied?
     fn is_duplicate(&mut self, change: &Change) -> bool {
-        let (Some(pos), Some(key)) = (change.pos, change.key.as_ref()) else { return false };
+        let (Some(pos), Some(key)) = (change.pos, change.key.as_ref()) else {
+            return false;
+        };
         let is_delete = matches!(change.op, Op::Delete { .. });
         let mark = self.watermarks.entry(change.partition).or_default();
         match mark.max {
@@ -233,7 +299,11 @@ impl UpsertState {
             Op::Upsert { kind, row, moved_in } => {
                 match self.keys.get_mut(&key) {
                     Some(KeyState::Live { row: old, .. }) if *old == row => return,
-                    Some(KeyState::Live { row: old, since_ms, accrued }) if old.org == row.org && old.instance == row.instance => {
+                    Some(KeyState::Live {
+                        row: old,
+                        since_ms,
+                        accrued,
+                    }) if old.org == row.org && old.instance == row.instance => {
                         // Same organization and instance: `running` is unchanged.
                         if old.price != row.price {
                             *accrued += old.price.times(billable_seconds(*since_ms, ts));
@@ -245,7 +315,12 @@ impl UpsertState {
                         return;
                     }
                     Some(state @ KeyState::Live { .. }) => {
-                        if let KeyState::Live { row: old, since_ms, accrued } = std::mem::replace(state, KeyState::Gone) {
+                        if let KeyState::Live {
+                            row: old,
+                            since_ms,
+                            accrued,
+                        } = std::mem::replace(state, KeyState::Gone)
+                        {
                             out.push((Delta::Note(Note::Replaced), 1));
                             close(old, since_ms, accrued, ts, out);
                         }
@@ -288,7 +363,14 @@ impl UpsertState {
             Upsert::Update => out.push((Delta::Note(Note::UpdateUnseen), 1)),
         }
         out.push((Delta::Running(row.org.clone()), 1));
-        self.keys.insert(key, KeyState::Live { row, since_ms, accrued: Money::default() });
+        self.keys.insert(
+            key,
+            KeyState::Live {
+                row,
+                since_ms,
+                accrued: Money::default(),
+            },
+        );
     }
 }
 
@@ -317,7 +399,9 @@ impl ArrivalOrder {
     fn in_offset_order<'a>(&mut self, changes: impl Iterator<Item = &'a Change>) -> bool {
         self.last.iter_mut().for_each(|o| *o = i64::MIN);
         for c in changes {
-            let Ok(p) = usize::try_from(c.partition) else { return false };
+            let Ok(p) = usize::try_from(c.partition) else {
+                return false;
+            };
             if c.key.is_none() || p > 4096 {
                 return false;
             }
@@ -355,8 +439,10 @@ where
     // Routing in one pipelined step, moving each change once, replaces timely's `partition` (which stages
     // every record of a timestamp in a growing vector: profiled at 12% of a worker, mostly page faults),
     // a broadcast and a concat.
-    let routed =
-        changes.unary::<timely::container::CapacityContainerBuilder<Vec<(u64, Change)>>, _, _, _>(Pipeline, "RouteByKey", |_cap, _info| {
+    let routed = changes.unary::<timely::container::CapacityContainerBuilder<Vec<(u64, Change)>>, _, _, _>(
+        Pipeline,
+        "RouteByKey",
+        |_cap, _info| {
             move |input, output| {
                 input.for_each(|cap, data| {
                     let mut session = output.session(&cap);
@@ -373,7 +459,8 @@ where
                     }
                 });
             }
-        });
+        },
+    );
     let out = routed
         .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<(Out, T, isize)>>, _, _, _>(
             Exchange::new(|(route, _): &(u64, Change)| *route),
@@ -388,7 +475,9 @@ where
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
                         if let Some(cap) = cap.retain_least(0) {
-                            let entry = stash.entry(cap.time().clone()).or_insert_with(|| (cap.clone(), Vec::new()));
+                            let entry = stash
+                                .entry(cap.time().clone())
+                                .or_insert_with(|| (cap.clone(), Vec::new()));
                             entry.1.push(std::mem::take(data));
                         }
                     });
@@ -402,16 +491,10 @@ where
                         let mut apply = |change: Change| {
                             state.apply(change, &mut produced);
                             for (delta, diff) in produced.drain(..) {
-                                let (org, usage) = match delta {
-                                    Delta::Running(org) => (org, Usage { running: diff as i64, ..Usage::default() }),
-                                    Delta::Started(org) => (org, Usage { started: diff as i64, ..Usage::default() }),
-                                    Delta::Billed(org, amount) => (org, Usage { billing: amount.times(diff as i64), ..Usage::default() }),
-                                    Delta::Note(note) => {
-                                        session.give((Out::Note(note), time.clone(), diff));
-                                        continue;
-                                    }
-                                };
-                                per_org.entry(org).or_default().plus_equals(&usage);
+                                match delta.into_usage(diff) {
+                                    Ok((org, usage)) => per_org.entry(org).or_default().plus_equals(&usage),
+                                    Err(note) => session.give((Out::Note(note), time.clone(), diff)),
+                                }
                             }
                         };
                         // Each key's events must apply in offset order. They arrive so when every partition's
@@ -448,7 +531,11 @@ where
             _ => None,
         })
         .consolidate();
-    Views { usage, notes, state_size }
+    Views {
+        usage,
+        notes,
+        state_size,
+    }
 }
 
 /// Changes with the worker route each was sent by (a key's hash; for a truncate, the worker itself).
@@ -472,7 +559,12 @@ mod tests {
     const B: &str = "org-b";
 
     fn row(org: &str, instance: &str, price: i64, started_s: i64) -> Row {
-        Row { org: org.into(), instance: instance.into(), price: Money::from_int(price), started_ms: started_s * 1000 }
+        Row {
+            org: org.into(),
+            instance: instance.into(),
+            price: Money::from_int(price),
+            started_ms: started_s * 1000,
+        }
     }
 
     /// A change for key `id` in partition `id % 2`, at binlog position `pos` and database time `ts_s`.
@@ -487,13 +579,24 @@ mod tests {
         }
     }
     fn create(r: Row) -> Op {
-        Op::Upsert { kind: Upsert::Create, row: r, moved_in: false }
+        Op::Upsert {
+            kind: Upsert::Create,
+            row: r,
+            moved_in: false,
+        }
     }
     fn update(r: Row) -> Op {
-        Op::Upsert { kind: Upsert::Update, row: r, moved_in: false }
+        Op::Upsert {
+            kind: Upsert::Update,
+            row: r,
+            moved_in: false,
+        }
     }
     fn delete(r: Row) -> Op {
-        Op::Delete { before: Some(r), moved_out: false }
+        Op::Delete {
+            before: Some(r),
+            moved_out: false,
+        }
     }
 
     /// Feeds each batch at its own timestamp and returns the final usage per organization and the live
@@ -526,7 +629,11 @@ mod tests {
     }
 
     fn usage_of(started: i64, running: i64, billing: i64) -> Usage {
-        Usage { started, running, billing: Money::from_int(billing) }
+        Usage {
+            started,
+            running,
+            billing: Money::from_int(billing),
+        }
     }
 
     #[test]
@@ -547,7 +654,11 @@ mod tests {
     fn duplicates_and_redelivery_count_once() {
         let r1 = row(A, "i1", 5, 0);
         let r2 = row(B, "i2", 7, 10);
-        let stream = vec![ev(1, 1, 0, create(r1.clone())), ev(2, 2, 10, create(r2.clone())), ev(1, 3, 20, delete(r1.clone()))];
+        let stream = vec![
+            ev(1, 1, 0, create(r1.clone())),
+            ev(2, 2, 10, create(r2.clone())),
+            ev(1, 3, 20, delete(r1.clone())),
+        ];
         // The same events delivered twice in a row, then once more after a simulated connector restart.
         let mut batches = vec![stream.clone(), stream.clone()];
         batches.push(stream.clone());
@@ -560,7 +671,14 @@ mod tests {
     #[test]
     fn resnapshot_changes_nothing() {
         let r1 = row(A, "i1", 3, 0);
-        let read = |pos| Change { op: Op::Upsert { kind: Upsert::Read, row: r1.clone(), moved_in: false }, ..ev(1, pos, 5, Op::Tombstone) };
+        let read = |pos| Change {
+            op: Op::Upsert {
+                kind: Upsert::Read,
+                row: r1.clone(),
+                moved_in: false,
+            },
+            ..ev(1, pos, 5, Op::Tombstone)
+        };
         let (out, _) = run(vec![vec![read(10)], vec![read(10)], vec![read(50)]]);
         assert_eq!(out[A], usage_of(1, 1, 0));
     }
@@ -570,7 +688,11 @@ mod tests {
         // A snapshot reports the same binlog position for every row: each is still a distinct row.
         let reads: Vec<Change> = (1..=3)
             .map(|id| Change {
-                op: Op::Upsert { kind: Upsert::Read, row: row(A, &format!("i{id}"), 1, 0), moved_in: false },
+                op: Op::Upsert {
+                    kind: Upsert::Read,
+                    row: row(A, &format!("i{id}"), 1, 0),
+                    moved_in: false,
+                },
                 partition: 0,
                 ..ev(id, 100, 5, Op::Tombstone)
             })
@@ -583,7 +705,10 @@ mod tests {
     #[test]
     fn delete_of_unseen_row_bills_before_image_and_repeat_bills_nothing() {
         let r = row(A, "i9", 2, 100);
-        let del = |pos| Change { pos: None, ..ev(9, pos, 160, delete(r.clone())) };
+        let del = |pos| Change {
+            pos: None,
+            ..ev(9, pos, 160, delete(r.clone()))
+        };
         // No binlog positions here, so only the deleted-key marker stops the second bill.
         let (out, _) = run(vec![vec![del(1)], vec![del(2)]]);
         assert_eq!(out[A], usage_of(0, 0, 60 * 2));
@@ -593,7 +718,10 @@ mod tests {
     fn tombstone_after_delete_then_key_reused() {
         let r1 = row(A, "i1", 1, 0);
         let r1new = row(B, "i99", 4, 100);
-        let tomb = Change { pos: None, ..ev(1, 0, 0, Op::Tombstone) };
+        let tomb = Change {
+            pos: None,
+            ..ev(1, 0, 0, Op::Tombstone)
+        };
         let (out, live) = run(vec![
             vec![ev(1, 1, 0, create(r1.clone()))],
             vec![ev(1, 2, 50, delete(r1)), tomb.clone()],
@@ -608,8 +736,14 @@ mod tests {
     #[test]
     fn truncate_bills_every_live_row() {
         let (out, live) = run(vec![
-            vec![ev(1, 1, 0, create(row(A, "i1", 1, 0))), ev(2, 2, 0, create(row(B, "i2", 2, 0)))],
-            vec![Change { key: None, ..ev(0, 3, 10, Op::Truncate) }],
+            vec![
+                ev(1, 1, 0, create(row(A, "i1", 1, 0))),
+                ev(2, 2, 0, create(row(B, "i2", 2, 0))),
+            ],
+            vec![Change {
+                key: None,
+                ..ev(0, 3, 10, Op::Truncate)
+            }],
         ]);
         assert_eq!(out[A], usage_of(1, 0, 10));
         assert_eq!(out[B], usage_of(1, 0, 20));
@@ -622,8 +756,25 @@ mod tests {
         let (out, live) = run(vec![
             vec![ev(42, 1, 0, create(old.clone()))],
             vec![
-                ev(42, 2, 100, Op::Delete { before: Some(old.clone()), moved_out: true }),
-                ev(44, 2, 100, Op::Upsert { kind: Upsert::Create, row: old.clone(), moved_in: true }),
+                ev(
+                    42,
+                    2,
+                    100,
+                    Op::Delete {
+                        before: Some(old.clone()),
+                        moved_out: true,
+                    },
+                ),
+                ev(
+                    44,
+                    2,
+                    100,
+                    Op::Upsert {
+                        kind: Upsert::Create,
+                        row: old.clone(),
+                        moved_in: true,
+                    },
+                ),
             ],
             vec![ev(44, 3, 150, delete(old))],
         ]);
@@ -636,10 +787,18 @@ mod tests {
     fn order_across_partitions_and_batching_do_not_matter() {
         let mut stream = Vec::new();
         for id in 1..=20u32 {
-            let r = row(if id % 3 == 0 { A } else { B }, &format!("i{id}"), i64::from(id), i64::from(id));
+            let r = row(
+                if id % 3 == 0 { A } else { B },
+                &format!("i{id}"),
+                i64::from(id),
+                i64::from(id),
+            );
             stream.push(ev(id, u64::from(id) * 10, i64::from(id), create(r.clone())));
             if id % 4 != 0 {
-                let r2 = Row { price: Money::from_int(i64::from(id) + 1), ..r.clone() };
+                let r2 = Row {
+                    price: Money::from_int(i64::from(id) + 1),
+                    ..r.clone()
+                };
                 stream.push(ev(id, u64::from(id) * 10 + 1, i64::from(id) + 7, update(r2.clone())));
                 stream.push(ev(id, u64::from(id) * 10 + 2, i64::from(id) + 19, delete(r2)));
             }
@@ -667,12 +826,20 @@ mod tests {
 
     #[test]
     fn arrival_order_needs_rising_offsets_per_partition_and_no_truncate() {
-        let at = |partition: i32, offset: i64| Change { partition, offset, ..ev(1, 1, 1, Op::Tombstone) };
+        let at = |partition: i32, offset: i64| Change {
+            partition,
+            offset,
+            ..ev(1, 1, 1, Op::Tombstone)
+        };
         let mut order = ArrivalOrder::default();
         assert!(order.in_offset_order([at(0, 1), at(1, 1), at(0, 2), at(1, 5)].iter()));
         assert!(!order.in_offset_order([at(0, 2), at(1, 1), at(0, 1)].iter()));
         assert!(!order.in_offset_order([at(0, 1), at(0, 1)].iter()));
-        let truncate = Change { key: None, op: Op::Truncate, ..at(0, 3) };
+        let truncate = Change {
+            key: None,
+            op: Op::Truncate,
+            ..at(0, 3)
+        };
         assert!(!order.in_offset_order([at(0, 1), truncate].iter()));
         // The buffer is reset between batches: offsets may start lower in the next one.
         assert!(order.in_offset_order([at(0, 1)].iter()));

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use base64::Engine as _;
-use rdkafka::message::{BorrowedMessage, Message};
 use serde::Serialize;
 
+use super::decode::Metadata;
 use crate::error::{DecodeError, RuntimeError};
 
+/// An append-only JSON-lines file of the messages that could not be decoded.
 pub struct DeadLetter {
     path: PathBuf,
     file: Mutex<BufWriter<File>>,
@@ -47,36 +48,47 @@ fn split(raw: Option<&[u8]>) -> (Option<&str>, Option<String>) {
 impl DeadLetter {
     /// Opens (appends to) the dead-letter file, creating parent directories.
     pub fn open(path: &Path) -> Result<Self, RuntimeError> {
-        let err = |source| RuntimeError::DeadLetter { path: path.display().to_string(), source };
+        let err = |source| RuntimeError::DeadLetter {
+            path: path.display().to_string(),
+            source,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
-        Ok(DeadLetter { path: path.to_owned(), file: Mutex::new(BufWriter::new(file)) })
+        Ok(DeadLetter {
+            path: path.to_owned(),
+            file: Mutex::new(BufWriter::new(file)),
+        })
     }
 
+    /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Appends one message and flushes, so a crash right after loses nothing.
-    pub fn write(&self, msg: &BorrowedMessage<'_>, error: &DecodeError) -> std::io::Result<()> {
-        self.write_raw(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.payload(), error)
-    }
-
-    pub fn write_raw(
+    /// Appends one message with its coordinates and why it failed, and flushes, so a crash right after
+    /// loses nothing.
+    pub fn write(
         &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
+        meta: &Metadata<'_>,
         error: &DecodeError,
     ) -> std::io::Result<()> {
         let (key, key_base64) = split(key);
         let (value, value_base64) = split(value);
-        let entry =
-            Entry { topic, partition, offset, reason: error.reason(), error: error.to_string(), key, key_base64, value, value_base64 };
+        let entry = Entry {
+            topic: meta.topic,
+            partition: meta.partition,
+            offset: meta.offset,
+            reason: error.reason(),
+            error: error.to_string(),
+            key,
+            key_base64,
+            value,
+            value_base64,
+        };
         let line = serde_json::to_string(&entry).map_err(std::io::Error::other)?;
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         writeln!(f, "{line}")?;

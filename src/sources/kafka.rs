@@ -1,37 +1,47 @@
-//! A Kafka topic as a timely source operator.
+//! A Kafka topic as a timely source operator with two outputs: the decoded records, and the source's
+//! progress (how far each partition has been read), as Materialize's sources do.
 //!
 //! Each worker owns the partitions `p` with `p % peers == index` (deterministic, no group rebalance) and
-//! reads them from the earliest offset with a `BaseConsumer` polled without blocking. Timely time is a
-//! processing-time epoch (wall-clock milliseconds rounded down to the tick), so every worker's capability
-//! advances even when its partitions are idle: views never stall on a quiet partition.
+//! reads them from the stored offsets (else the earliest) with a `BaseConsumer` polled without blocking.
+//! Timely time is a processing-time epoch (wall-clock milliseconds rounded down to the tick), so every
+//! worker's capability advances even when its partitions are idle: views never stall on a quiet partition.
 //! Undecodable messages are counted, logged with coordinates, and dead-lettered; nothing is dropped silently.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
-use timely::dataflow::operators::generic::operator::source;
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::{Scope, Stream};
 use timely::scheduling::SyncActivator;
 use tracing::{debug, info, warn};
 
 use super::dead_letter::DeadLetter;
-use crate::error::{DecodeError, RuntimeError};
+use super::decode::{Decoded, Decoder, Headers, Metadata};
+use crate::error::RuntimeError;
 use crate::metrics::Metrics;
+use crate::runtime::clock::epoch_now;
 
 /// Where and how to read.
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
     pub brokers: String,
+    /// The topic read.
     pub topic: String,
+    /// librdkafka's `group.id` (partitions are assigned by tally, not by the group).
     pub group_id: String,
+    /// librdkafka's `client.id`.
     pub client_id: String,
     /// Extra librdkafka properties (`key=value`), applied last.
     pub properties: Vec<(String, String)>,
@@ -39,68 +49,118 @@ pub struct KafkaConfig {
     pub start_offsets: HashMap<i32, i64>,
 }
 
-/// What a decoder makes of one message.
-pub enum Decoded<T> {
-    Record(T),
-    /// Not data (a schema change, a heartbeat, ...): counted under this reason.
-    Ignored(&'static str),
+/// The Kafka connection flags every pipeline shares.
+#[derive(clap::Args, Clone, Debug)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+    /// Kafka consumer group.id (tally assigns partitions itself; it does not depend on group rebalances).
+    #[arg(long, env = "TALLY_GROUP_ID", default_value = "exoscale")]
+    pub group_id: String,
+    /// Kafka client.id.
+    #[arg(long, env = "TALLY_CLIENT_ID", default_value = "localhost")]
+    pub client_id: String,
+    /// Extra librdkafka consumer properties, key=value (repeatable), e.g. security.protocol=ssl.
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
 }
 
-/// Turns one Kafka message into a record. Implementations keep whatever state makes that cheap.
-pub trait Decoder: 'static {
-    type Out: Clone + 'static;
-    fn decode(&mut self, msg: &BorrowedMessage<'_>) -> Result<Decoded<Self::Out>, DecodeError>;
+impl KafkaArgs {
+    /// The connection flags with defaults, for a given bootstrap address (demos).
+    pub fn with_brokers(brokers: String) -> Self {
+        KafkaArgs {
+            brokers,
+            group_id: "exoscale".into(),
+            client_id: "localhost".into(),
+            kafka_properties: Vec::new(),
+        }
+    }
 
-    /// A record saying every message of `partition` before `next_offset` has been read (decoded, ignored
-    /// or dead-lettered), emitted once per partition per poll batch. Sinks that store offsets with their
-    /// results use it; the default emits nothing.
-    fn progress(&mut self, _partition: i32, _next_offset: i64) -> Option<Self::Out> {
-        None
+    /// How to read `topic` with these flags, from the earliest offset.
+    pub fn config(&self, topic: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.brokers.clone(),
+            topic: topic.to_owned(),
+            group_id: self.group_id.clone(),
+            client_id: self.client_id.clone(),
+            properties: self.kafka_properties.clone(),
+            start_offsets: HashMap::new(),
+        }
     }
 }
 
-/// The processing-time epoch now: wall-clock milliseconds rounded down to `tick_ms`.
-pub fn epoch_now(tick_ms: u64) -> u64 {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    ms - ms % tick_ms.max(1)
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+/// Every message of `partition` before `next_offset` has been read (decoded, ignored or dead-lettered), and
+/// its records were emitted at or before this update's timestamp. A sink that stores offsets with its
+/// results stores these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Progress {
+    /// The partition.
+    pub partition: i32,
+    /// The next offset to read.
+    pub next_offset: i64,
 }
 
 /// Everything the source operator shares with the rest of the process.
 #[derive(Clone)]
 pub struct SourceContext {
+    /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// Where undecodable messages go.
     pub dead_letter: Arc<DeadLetter>,
+    /// Set on SIGTERM: the source stops reading and drops its capabilities.
     pub shutdown: Arc<AtomicBool>,
+    /// How often timestamps close, in milliseconds.
     pub tick_ms: u64,
+}
+
+/// A source's outputs.
+pub struct Source<'s, T> {
+    /// The decoded records.
+    pub data: Stream<'s, u64, Vec<T>>,
+    /// Per poll batch and partition read: how far it has been read.
+    pub progress: Stream<'s, u64, Vec<Progress>>,
 }
 
 const POLL_BUDGET: Duration = Duration::from_millis(5);
 
-/// Reads `cfg.topic` into a stream of decoded records.
+/// Reads `cfg.topic` into a stream of decoded records and a stream of progress.
 pub fn kafka_source<'s, D: Decoder>(
     scope: Scope<'s, u64>,
     cfg: KafkaConfig,
     mut decoder: D,
     ctx: SourceContext,
-) -> Stream<'s, u64, Vec<D::Out>> {
+) -> Source<'s, D::Out> {
     let (index, peers) = (scope.index(), scope.peers());
-    source::<_, timely::container::CapacityContainerBuilder<Vec<D::Out>>, _, _>(scope, "KafkaSource", move |cap, info| {
-        let activator = scope.activator_for(info.address.clone());
-        // librdkafka calls this from its own thread when the consumer queue becomes non-empty: the worker
-        // wakes as data lands instead of polling on a timer.
-        let wake = scope.worker().sync_activator_for(info.address.to_vec());
-        let mut cap = Some(cap);
+    let mut builder = OperatorBuilder::new("KafkaSource".to_owned(), scope);
+    let info = builder.operator_info();
+    let (data_out, data) = builder.new_output::<Vec<D::Out>>();
+    let (progress_out, progress) = builder.new_output::<Vec<Progress>>();
+    let mut data_out: OutputBuilder<u64, CapacityContainerBuilder<Vec<D::Out>>> = OutputBuilder::from(data_out);
+    let mut progress_out: OutputBuilder<u64, CapacityContainerBuilder<Vec<Progress>>> =
+        OutputBuilder::from(progress_out);
+    let activator = scope.activator_for(info.address.clone());
+    // librdkafka calls this from its own thread when the consumer queue becomes non-empty: the worker
+    // wakes as data lands instead of polling on a timer.
+    let wake = scope.worker().sync_activator_for(info.address.to_vec());
+    builder.build(move |capabilities| {
+        let mut caps = Some(capabilities);
         let mut reader: Option<Reader> = None;
         let mut backoff = Duration::from_millis(100);
         let mut next_attempt = Instant::now();
         let tick = Duration::from_millis(ctx.tick_ms.max(1));
         let topic = cfg.topic.clone();
-        let worker = index.to_string();
-        move |output| {
-            let Some(capability) = cap.as_mut() else { return };
+        move |_frontiers| {
+            let Some(capabilities) = caps.as_mut() else { return };
             if ctx.shutdown.load(Ordering::Relaxed) {
                 info!(topic = %cfg.topic, worker = index, "shutdown requested: reading stops, what was read is finished");
-                cap = None;
+                caps = None;
                 return;
             }
             if reader.is_none() && Instant::now() >= next_attempt {
@@ -119,7 +179,8 @@ pub fn kafka_source<'s, D: Decoder>(
             }
             let mut read = 0usize;
             if let Some(r) = reader.as_mut() {
-                let mut session = output.session(&*capability);
+                let mut data_handle = data_out.activate();
+                let mut session = data_handle.session(&capabilities[0]);
                 let started = Instant::now();
                 let mut bytes = 0u64;
                 let mut per_partition: HashMap<i32, (u64, i64)> = HashMap::new();
@@ -141,20 +202,29 @@ pub fn kafka_source<'s, D: Decoder>(
                             let seen = per_partition.entry(msg.partition()).or_default();
                             seen.0 += 1;
                             seen.1 = msg.offset() + 1;
-                            if let Some(ts) = msg.timestamp().to_millis() {
+                            let timestamp_ms = msg.timestamp().to_millis();
+                            if let Some(ts) = timestamp_ms {
                                 ages.observe((now_ms - ts).max(0) as f64 / 1000.0);
                             }
-                            bytes += (msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len)) as u64;
-                            match decoder.decode(&msg) {
+                            let (key, value) = (msg.key(), msg.payload());
+                            bytes += (key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len)) as u64;
+                            let meta = Metadata {
+                                topic: &topic,
+                                partition: msg.partition(),
+                                offset: msg.offset(),
+                                timestamp_ms,
+                                headers: Headers::kafka(msg.headers()),
+                            };
+                            match decoder.decode(key, value, &meta) {
                                 Ok(Decoded::Record(rec)) => session.give(rec),
                                 Ok(Decoded::Ignored(reason)) => {
                                     ctx.metrics.ignored.with_label_values(&[topic.as_str(), reason]).inc();
                                 }
                                 Err(e) => {
-                                    warn!(topic = %topic, partition = msg.partition(), offset = msg.offset(), reason = e.reason(), error = %e, "undecodable message dead-lettered");
+                                    warn!(topic = %topic, partition = meta.partition, offset = meta.offset, reason = e.reason(), error = %e, "undecodable message dead-lettered");
                                     ctx.metrics.decode_errors.with_label_values(&[topic.as_str(), e.reason()]).inc();
-                                    if let Err(io) = ctx.dead_letter.write(&msg, &e) {
-                                        tracing::error!(topic = %topic, partition = msg.partition(), offset = msg.offset(), error = %io, "dead-letter write failed: message lost");
+                                    if let Err(io) = ctx.dead_letter.write(key, value, &meta, &e) {
+                                        tracing::error!(topic = %topic, partition = meta.partition, offset = meta.offset, error = %io, "dead-letter write failed: message lost");
                                     } else {
                                         ctx.metrics.dead_lettered.with_label_values(&[topic.as_str()]).inc();
                                     }
@@ -163,18 +233,21 @@ pub fn kafka_source<'s, D: Decoder>(
                         }
                     }
                 }
+                drop(session);
+                let mut progress_handle = progress_out.activate();
+                let mut progress = progress_handle.session(&capabilities[1]);
                 for (p, (n, next_offset)) in per_partition {
                     ctx.metrics.messages.with_label_values(&[topic.as_str(), &p.to_string()]).inc_by(n);
-                    if let Some(rec) = decoder.progress(p, next_offset) {
-                        session.give(rec);
-                    }
+                    progress.give(Progress { partition: p, next_offset });
                 }
                 ctx.metrics.bytes.with_label_values(&[topic.as_str()]).inc_by(bytes);
                 ages.flush();
             }
             let now = epoch_now(ctx.tick_ms);
-            if now > *capability.time() {
-                capability.downgrade(&now);
+            for capability in capabilities.iter_mut() {
+                if now > *capability.time() {
+                    capability.downgrade(&now);
+                }
             }
             if read > 0 {
                 activator.activate();
@@ -182,9 +255,10 @@ pub fn kafka_source<'s, D: Decoder>(
                 // Data wakes us through the non-empty callback; the tick still advances time.
                 activator.activate_after(if reader.is_some() { tick } else { Duration::from_millis(100) });
             }
-            debug!(worker = %worker, read, "source step");
+            debug!(worker = index, read, "source step");
         }
-    })
+    });
+    Source { data, progress }
 }
 
 /// Receives librdkafka's statistics (every second) to export per-partition lag without blocking a worker.
@@ -195,13 +269,22 @@ struct LagContext {
 
 impl ClientContext for LagContext {
     fn stats(&self, stats: Statistics) {
-        let Some(topic) = stats.topics.get(&self.topic) else { return };
+        let Some(topic) = stats.topics.get(&self.topic) else {
+            return;
+        };
         for (p, part) in &topic.partitions {
             if *p < 0 || part.hi_offset < 0 {
                 continue;
             }
-            let next = if part.app_offset >= 0 { part.app_offset } else { part.lo_offset.max(0) };
-            self.metrics.lag.with_label_values(&[self.topic.as_str(), &p.to_string()]).set((part.hi_offset - next).max(0));
+            let next = if part.app_offset >= 0 {
+                part.app_offset
+            } else {
+                part.lo_offset.max(0)
+            };
+            self.metrics
+                .lag
+                .with_label_values(&[self.topic.as_str(), &p.to_string()])
+                .set((part.hi_offset - next).max(0));
         }
     }
 }
@@ -214,10 +297,20 @@ struct Reader {
 }
 
 impl Reader {
-    fn connect(cfg: &KafkaConfig, index: usize, peers: usize, metrics: Arc<Metrics>, wake: SyncActivator) -> Result<Reader, RuntimeError> {
-        let context = LagContext { metrics, topic: cfg.topic.clone() };
-        let mut consumer: BaseConsumer<LagContext> =
-            client_config(cfg).set("statistics.interval.ms", "1000").create_with_context(context)?;
+    fn connect(
+        cfg: &KafkaConfig,
+        index: usize,
+        peers: usize,
+        metrics: Arc<Metrics>,
+        wake: SyncActivator,
+    ) -> Result<Reader, RuntimeError> {
+        let context = LagContext {
+            metrics,
+            topic: cfg.topic.clone(),
+        };
+        let mut consumer: BaseConsumer<LagContext> = client_config(cfg)
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(context)?;
         consumer.set_nonempty_callback(move || {
             // Fails only once the worker is gone, when there is nobody left to wake.
             let _ = wake.activate();
@@ -232,12 +325,23 @@ impl Reader {
             return Err(RuntimeError::Config(format!("topic {}: {:?}", cfg.topic, err)));
         }
         if topic.partitions().is_empty() {
-            return Err(RuntimeError::Config(format!("topic {} has no partitions yet", cfg.topic)));
+            return Err(RuntimeError::Config(format!(
+                "topic {} has no partitions yet",
+                cfg.topic
+            )));
         }
-        let partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).filter(|p| (*p as usize) % peers == index).collect();
+        let partitions: Vec<i32> = topic
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .filter(|p| (*p as usize) % peers == index)
+            .collect();
         let mut tpl = TopicPartitionList::new();
         for p in &partitions {
-            let start = cfg.start_offsets.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            let start = cfg
+                .start_offsets
+                .get(p)
+                .map_or(Offset::Beginning, |o| Offset::Offset(*o));
             tpl.add_partition_offset(&cfg.topic, *p, start)?;
         }
         consumer.assign(&tpl)?;
@@ -271,34 +375,4 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         c.set(k, v);
     }
     c
-}
-
-/// Which of Debezium's primary-key-change headers (`__debezium.newkey`, `__debezium.oldkey`) the message
-/// carries. One pass: librdkafka parses a consumed message's headers on each request (profiled at about 7%
-/// of a worker when asked twice per message).
-pub fn key_change_headers(msg: &BorrowedMessage<'_>) -> (bool, bool) {
-    let (mut newkey, mut oldkey) = (false, false);
-    if let Some(headers) = msg.headers() {
-        for h in headers.iter() {
-            match h.key {
-                "__debezium.newkey" => newkey = true,
-                "__debezium.oldkey" => oldkey = true,
-                _ => {}
-            }
-        }
-    }
-    (newkey, oldkey)
-}
-
-/// The Debezium decoder as a Kafka [`Decoder`].
-impl Decoder for super::debezium::DebeziumDecoder {
-    type Out = dataflows::usage::Change;
-    fn decode(&mut self, msg: &BorrowedMessage<'_>) -> Result<Decoded<Self::Out>, DecodeError> {
-        let (has_newkey, has_oldkey) = key_change_headers(msg);
-        let meta = super::debezium::Meta { partition: msg.partition(), offset: msg.offset(), has_newkey, has_oldkey };
-        Ok(match super::debezium::DebeziumDecoder::decode(self, msg.key(), msg.payload(), meta)? {
-            super::debezium::Decoded::Change(c) => Decoded::Record(c),
-            super::debezium::Decoded::Ignored(r) => Decoded::Ignored(r),
-        })
-    }
 }

@@ -1,21 +1,14 @@
 //! Decoding the food events on topic `message`: `{"food": "<name>"}`, unkeyed.
 
-use rdkafka::message::{BorrowedMessage, Message};
 use serde::Deserialize;
 
-use super::kafka::{Decoded, Decoder};
 use crate::error::DecodeError;
+use crate::sources::decode::{reject_array, Decoded, Decoder, Metadata};
 
 /// Longest food name accepted; longer ones are dead-lettered as absurd.
 pub const MAX_FOOD_LEN: usize = 256;
 
-/// What the food source emits: a food seen, or how far a partition has been read.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-pub enum FoodItem {
-    Food(String),
-    Progress { partition: i32, next_offset: i64 },
-}
-
+/// Decodes a food event to its food name.
 #[derive(Default)]
 pub struct FoodDecoder;
 
@@ -28,7 +21,7 @@ struct Event<'a> {
 /// Decodes one event's value to its food name.
 pub fn decode_food(value: Option<&[u8]>) -> Result<String, DecodeError> {
     let value = value.ok_or(DecodeError::MissingField("value"))?;
-    super::reject_array(value)?;
+    reject_array(value)?;
     let event: Event<'_> = serde_json::from_slice(value).map_err(DecodeError::from_json)?;
     let raw = event.food.ok_or(DecodeError::MissingField("food"))?;
     let food: String = match serde_json::from_str::<String>(raw.get()) {
@@ -46,14 +39,15 @@ pub fn decode_food(value: Option<&[u8]>) -> Result<String, DecodeError> {
 }
 
 impl Decoder for FoodDecoder {
-    type Out = FoodItem;
+    type Out = String;
 
-    fn decode(&mut self, msg: &BorrowedMessage<'_>) -> Result<Decoded<FoodItem>, DecodeError> {
-        decode_food(msg.payload()).map(|f| Decoded::Record(FoodItem::Food(f)))
-    }
-
-    fn progress(&mut self, partition: i32, next_offset: i64) -> Option<FoodItem> {
-        Some(FoodItem::Progress { partition, next_offset })
+    fn decode(
+        &mut self,
+        _key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        _meta: &Metadata<'_>,
+    ) -> Result<Decoded<String>, DecodeError> {
+        decode_food(value).map(Decoded::Record)
     }
 }
 
@@ -64,7 +58,10 @@ mod tests {
     #[test]
     fn good_and_bad_events() {
         assert_eq!(decode_food(Some(br#"{"food": "pie"}"#)).unwrap(), "pie");
-        assert_eq!(decode_food(Some(br#"{"food":"foie-gras","extra":1}"#)).unwrap(), "foie-gras");
+        assert_eq!(
+            decode_food(Some(br#"{"food":"foie-gras","extra":1}"#)).unwrap(),
+            "foie-gras"
+        );
         let reason = |v: &[u8]| decode_food(Some(v)).unwrap_err().reason();
         assert_eq!(reason(b"\xff\xfe"), "malformed");
         assert_eq!(reason(b"{\"food\": \"pie\""), "truncated");
@@ -72,7 +69,10 @@ mod tests {
         assert_eq!(reason(b"{\"food\": 42}"), "wrong_type");
         assert_eq!(reason(b"{\"food\": null}"), "missing_field");
         assert_eq!(reason(b"{\"food\": \"  \"}"), "invalid");
-        assert_eq!(reason(format!("{{\"food\": \"{}\"}}", "x".repeat(300)).as_bytes()), "invalid");
+        assert_eq!(
+            reason(format!("{{\"food\": \"{}\"}}", "x".repeat(300)).as_bytes()),
+            "invalid"
+        );
         assert_eq!(reason(b"[\"pie\"]"), "shape");
         assert_eq!(decode_food(None).unwrap_err().reason(), "missing_field");
     }

@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tracing::info;
 
-use crate::sim::ORGS;
+use crate::tools::sim::ORGS;
 
 /// The spec's DDL.
 pub const INSTANCES_DDL: &str = "CREATE TABLE IF NOT EXISTS cloud.instances (\
@@ -41,33 +41,57 @@ pub enum SimulateError {
     Audit(#[from] std::io::Error),
 }
 
-/// Settings of one simulator run.
-#[derive(Clone, Debug)]
-pub struct SimulateConfig {
-    /// `mysql://user:password@host:port`.
+/// `tally simulate`: the flags of one simulator run.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SimulateArgs {
+    /// MariaDB URL, mysql://user:password@host:port.
+    #[arg(
+        long = "mariadb-url",
+        env = "TALLY_MARIADB_URL",
+        default_value = "mysql://root@127.0.0.1:3306"
+    )]
     pub url: String,
-    pub interval: Duration,
-    /// Stop after this many steps (`None`: run until killed).
+    /// Milliseconds between steps (the spec's simulator uses 500).
+    #[arg(long, default_value_t = 500)]
+    pub interval_ms: u64,
+    /// Stop after this many steps (default: run until stopped).
+    #[arg(long)]
     pub steps: Option<u64>,
-    /// Probability that a step changes a running instance's price instead of deploying or destroying.
+    /// Probability that a step changes a running instance's price instead (0 = the spec's behaviour).
+    #[arg(long, default_value_t = 0.0)]
     pub price_change: f64,
+    /// Append what each step did, with its database time, to this JSON-lines file.
+    #[arg(long)]
     pub audit: Option<PathBuf>,
+    /// Seed for reproducible choices.
+    #[arg(long)]
     pub seed: Option<u64>,
 }
 
 fn now_s() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Runs the simulator; returns the number of steps taken.
-pub fn simulate(cfg: &SimulateConfig) -> Result<u64, SimulateError> {
+pub fn simulate(cfg: &SimulateArgs) -> Result<u64, SimulateError> {
+    let interval = Duration::from_millis(cfg.interval_ms);
     let mut conn = Conn::new(Opts::from_url(&cfg.url)?)?;
     conn.query_drop("CREATE DATABASE IF NOT EXISTS cloud")?;
     conn.query_drop(INSTANCES_DDL)?;
-    let mut audit = cfg.audit.as_ref().map(|p| File::options().create(true).append(true).open(p).map(BufWriter::new)).transpose()?;
-    let seed = cfg.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let mut audit = cfg
+        .audit
+        .as_ref()
+        .map(|p| File::options().create(true).append(true).open(p).map(BufWriter::new))
+        .transpose()?;
+    let seed = cfg.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
     let mut rng = StdRng::seed_from_u64(seed);
-    info!(url = %redact(&cfg.url), interval = ?cfg.interval, steps = ?cfg.steps, "simulator started");
+    info!(url = %redact(&cfg.url), ?interval, steps = ?cfg.steps, "simulator started");
     let mut step = 0u64;
     while cfg.steps.is_none_or(|n| step < n) {
         let ts = now_s();
@@ -84,7 +108,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<u64, SimulateError> {
             a.flush()?;
         }
         step += 1;
-        std::thread::sleep(cfg.interval);
+        std::thread::sleep(interval);
     }
     Ok(step)
 }
@@ -92,10 +116,19 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<u64, SimulateError> {
 fn deploy(conn: &mut Conn, rng: &mut StdRng, ts: i64) -> Result<Option<String>, SimulateError> {
     let org = ORGS[rng.random_range(0..ORGS.len())];
     let price: i64 = rng.random_range(1..=100);
-    conn.exec_drop("INSERT INTO cloud.instances (organization_uuid, instance_uuid, price_second) VALUES (?, UUID(), ?)", (org, price))?;
+    conn.exec_drop(
+        "INSERT INTO cloud.instances (organization_uuid, instance_uuid, price_second) VALUES (?, UUID(), ?)",
+        (org, price),
+    )?;
     let id = conn.last_insert_id();
-    let started: Option<i64> = conn.exec_first("SELECT UNIX_TIMESTAMP(started) FROM cloud.instances WHERE id = ?", (id,))?;
-    Ok(Some(serde_json::json!({"op": "deploy", "id": id, "org": org, "price": price, "started": started, "ts": ts}).to_string()))
+    let started: Option<i64> = conn.exec_first(
+        "SELECT UNIX_TIMESTAMP(started) FROM cloud.instances WHERE id = ?",
+        (id,),
+    )?;
+    Ok(Some(
+        serde_json::json!({"op": "deploy", "id": id, "org": org, "price": price, "started": started, "ts": ts})
+            .to_string(),
+    ))
 }
 
 fn destroy(conn: &mut Conn, ts: i64) -> Result<Option<String>, SimulateError> {
@@ -107,15 +140,20 @@ fn destroy(conn: &mut Conn, ts: i64) -> Result<Option<String>, SimulateError> {
     tx.query_drop("DELETE FROM cloud.instances WHERE id=(SELECT MIN(id) FROM cloud.instances)")?;
     tx.commit()?;
     Ok(oldest.map(|(id, org, price, started)| {
-        serde_json::json!({"op": "destroy", "id": id, "org": org, "price": price, "started": started, "ts": ts}).to_string()
+        serde_json::json!({"op": "destroy", "id": id, "org": org, "price": price, "started": started, "ts": ts})
+            .to_string()
     }))
 }
 
 fn change_price(conn: &mut Conn, rng: &mut StdRng, ts: i64) -> Result<Option<String>, SimulateError> {
-    let Some(id): Option<i64> = conn.query_first("SELECT id FROM cloud.instances ORDER BY RAND() LIMIT 1")? else { return Ok(None) };
+    let Some(id): Option<i64> = conn.query_first("SELECT id FROM cloud.instances ORDER BY RAND() LIMIT 1")? else {
+        return Ok(None);
+    };
     let price: i64 = rng.random_range(1..=100);
     conn.exec_drop("UPDATE cloud.instances SET price_second = ? WHERE id = ?", (price, id))?;
-    Ok(Some(serde_json::json!({"op": "price", "id": id, "price": price, "ts": ts}).to_string()))
+    Ok(Some(
+        serde_json::json!({"op": "price", "id": id, "price": price, "ts": ts}).to_string(),
+    ))
 }
 
 /// The URL without its password, for logs.
@@ -134,7 +172,10 @@ fn redact(url: &str) -> String {
 mod tests {
     #[test]
     fn redacts_passwords() {
-        assert_eq!(super::redact("mysql://tally:secret@127.0.0.1:3306"), "mysql://tally:***@127.0.0.1:3306");
+        assert_eq!(
+            super::redact("mysql://tally:secret@127.0.0.1:3306"),
+            "mysql://tally:***@127.0.0.1:3306"
+        );
         assert_eq!(super::redact("mysql://127.0.0.1:3306"), "mysql://127.0.0.1:3306");
     }
 }

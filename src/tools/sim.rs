@@ -63,7 +63,12 @@ impl Simulator {
     }
 
     pub fn with_orgs(seed: u64, orgs: Vec<String>) -> Self {
-        Simulator { rng: StdRng::seed_from_u64(seed), next_id: 1, live: VecDeque::new(), orgs }
+        Simulator {
+            rng: StdRng::seed_from_u64(seed),
+            next_id: 1,
+            live: VecDeque::new(),
+            orgs,
+        }
     }
 
     /// One step at database time `now_s` (epoch seconds).
@@ -80,44 +85,46 @@ impl Simulator {
     }
 }
 
-/// Deploys a new row (random organization, new instance uuid, price 1..=100) started at `ts`.
-fn deploy(rng: &mut StdRng, orgs: &[String], next_id: &mut u64, live: &mut VecDeque<SimRow>, ts: i64) -> SimEvent {
+/// Deploys a new row (random organization, new instance uuid, price 1..=100) started at `ts`: appends it
+/// to `live` and takes the next id.
+pub fn deploy(rng: &mut StdRng, orgs: &[String], next_id: &mut u64, live: &mut VecDeque<SimRow>, ts: i64) -> SimEvent {
     let org = orgs[rng.random_range(0..orgs.len())].clone();
-    let row = SimRow { id: *next_id, org, instance: uuid_v4(rng), price: rng.random_range(1..=100), started_s: ts };
+    let row = SimRow {
+        id: *next_id,
+        org,
+        instance: uuid_v4(rng),
+        price: rng.random_range(1..=100),
+        started_s: ts,
+    };
     *next_id += 1;
     live.push_back(row.clone());
     SimEvent::Deploy(row)
 }
 
-fn uuid_v4(rng: &mut StdRng) -> String {
+/// A random version-4 UUID.
+pub fn uuid_v4(rng: &mut StdRng) -> String {
     let mut b: [u8; 16] = rng.random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// The connector's value schema for `cloud.instances` (INT price, TIMESTAMP started), as JsonConverter
 /// writes it with `schemas.enable=true`.
 pub const VALUE_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"},{"type":"string","optional":false,"field":"organization_uuid"},{"type":"string","optional":false,"field":"instance_uuid"},{"type":"int32","optional":false,"field":"price_second"},{"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"default":"1970-01-01T00:00:00Z","field":"started"}],"optional":true,"name":"topic.cloud.instances.Value","field":"before"},{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"},{"type":"string","optional":false,"field":"organization_uuid"},{"type":"string","optional":false,"field":"instance_uuid"},{"type":"int32","optional":false,"field":"price_second"},{"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"default":"1970-01-01T00:00:00Z","field":"started"}],"optional":true,"name":"topic.cloud.instances.Value","field":"after"},{"type":"struct","fields":[{"type":"string","optional":false,"field":"version"},{"type":"string","optional":false,"field":"connector"},{"type":"string","optional":false,"field":"name"},{"type":"int64","optional":false,"field":"ts_ms"},{"type":"string","optional":true,"name":"io.debezium.data.Enum","version":1,"parameters":{"allowed":"true,last,false,incremental"},"default":"false","field":"snapshot"},{"type":"string","optional":false,"field":"db"},{"type":"string","optional":true,"field":"sequence"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"},{"type":"string","optional":true,"field":"table"},{"type":"int64","optional":false,"field":"server_id"},{"type":"string","optional":true,"field":"gtid"},{"type":"string","optional":false,"field":"file"},{"type":"int64","optional":false,"field":"pos"},{"type":"int32","optional":false,"field":"row"},{"type":"int64","optional":true,"field":"thread"},{"type":"string","optional":true,"field":"query"}],"optional":false,"name":"io.debezium.connector.mysql.Source","field":"source"},{"type":"struct","fields":[{"type":"string","optional":false,"field":"id"},{"type":"int64","optional":false,"field":"total_order"},{"type":"int64","optional":false,"field":"data_collection_order"}],"optional":true,"name":"event.block","version":1,"field":"transaction"},{"type":"string","optional":false,"field":"op"},{"type":"int64","optional":true,"field":"ts_ms"},{"type":"int64","optional":true,"field":"ts_us"},{"type":"int64","optional":true,"field":"ts_ns"}],"optional":false,"name":"topic.cloud.instances.Envelope","version":2}"#;
-const KEY_SCHEMA: &str =
-    r#"{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"}],"optional":false,"name":"topic.cloud.instances.Key"}"#;
+const KEY_SCHEMA: &str = r#"{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"}],"optional":false,"name":"topic.cloud.instances.Key"}"#;
 
-/// `2024-05-01T12:34:56Z` for an epoch second.
+/// `2024-05-01T12:34:56Z` for an epoch second, as Debezium writes a ZonedTimestamp.
 pub fn zoned_timestamp(epoch_s: i64) -> String {
-    let days = epoch_s.div_euclid(86_400);
-    let secs = epoch_s.rem_euclid(86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+    jiff::Timestamp::from_second(epoch_s).map_or_else(|_| format!("out of range: {epoch_s}"), |t| t.to_string())
 }
 
 fn row_json(r: &SimRow) -> String {
@@ -150,7 +157,10 @@ pub fn debezium_records(event: &SimEvent, ts_s: i64, pos: u64, schemas: bool) ->
     );
     let key_payload = format!(r#"{{"id":{id}}}"#);
     let (key, value) = if schemas {
-        (format!(r#"{{"schema":{KEY_SCHEMA},"payload":{key_payload}}}"#), format!(r#"{{"schema":{VALUE_SCHEMA},"payload":{payload}}}"#))
+        (
+            format!(r#"{{"schema":{KEY_SCHEMA},"payload":{key_payload}}}"#),
+            format!(r#"{{"schema":{VALUE_SCHEMA},"payload":{payload}}}"#),
+        )
     } else {
         (key_payload, payload)
     };
@@ -159,103 +169,6 @@ pub fn debezium_records(event: &SimEvent, ts_s: i64, pos: u64, schemas: bool) ->
         out.push((key, None));
     }
     out
-}
-
-/// A benchmark workload: fills a running set of `running` rows, then keeps it constant with a mix of
-/// destroy-oldest + deploy pairs and price changes (`update_ratio` of the events). Database time advances
-/// one second every `events_per_second` events.
-pub struct Workload {
-    rng: StdRng,
-    next_id: u64,
-    live: VecDeque<SimRow>,
-    orgs: Vec<String>,
-    running: usize,
-    update_ratio: f64,
-    events_per_second: u64,
-    emitted: u64,
-    pub ts_s: i64,
-}
-
-impl Workload {
-    pub fn new(seed: u64, orgs: usize, running: usize, update_ratio: f64, events_per_second: u64) -> Self {
-        let orgs = (0..orgs.max(1)).map(|i| if i < ORGS.len() { ORGS[i].to_string() } else { format!("org-{i:06}") }).collect();
-        Workload {
-            rng: StdRng::seed_from_u64(seed),
-            next_id: 1,
-            live: VecDeque::new(),
-            orgs,
-            running: running.max(1),
-            update_ratio,
-            events_per_second: events_per_second.max(1),
-            emitted: 0,
-            ts_s: 1_700_000_000,
-        }
-    }
-
-    /// The next event and its database second.
-    pub fn next_event(&mut self) -> (SimEvent, i64) {
-        self.emitted += 1;
-        if self.emitted % self.events_per_second == 0 {
-            self.ts_s += 1;
-        }
-        let ts = self.ts_s;
-        let event = if self.live.len() < self.running {
-            deploy(&mut self.rng, &self.orgs, &mut self.next_id, &mut self.live, ts)
-        } else if self.rng.random_bool(self.update_ratio.clamp(0.0, 1.0)) {
-            let i = self.rng.random_range(0..self.live.len());
-            let before = self.live[i].clone();
-            let after = SimRow { price: self.rng.random_range(1..=100), ..before.clone() };
-            self.live[i] = after.clone();
-            SimEvent::Reprice { before, after }
-        } else {
-            SimEvent::Destroy(self.live.pop_front().expect("running set is full here"))
-        };
-        (event, ts)
-    }
-}
-
-/// Bills simulator events independently of tally's dataflow: per organization started, running, billing.
-#[derive(Default)]
-pub struct Ledger {
-    per_org: std::collections::BTreeMap<String, (i64, i64, i128)>,
-    /// id -> (price, in force since, accrued)
-    live: std::collections::HashMap<u64, (i64, i64, i128)>,
-}
-
-impl Ledger {
-    pub fn apply(&mut self, event: &SimEvent, ts: i64) {
-        match event {
-            SimEvent::Deploy(r) => {
-                let e = self.per_org.entry(r.org.clone()).or_default();
-                e.0 += 1;
-                e.1 += 1;
-                self.live.insert(r.id, (r.price, r.started_s, 0));
-            }
-            SimEvent::Reprice { after, .. } => {
-                if let Some((price, since, accrued)) = self.live.get_mut(&after.id) {
-                    *accrued += i128::from(*price) * i128::from(ts - *since);
-                    *price = after.price;
-                    *since = ts;
-                }
-            }
-            SimEvent::Destroy(r) => {
-                let (price, since, accrued) = self.live.remove(&r.id).unwrap_or((r.price, r.started_s, 0));
-                let e = self.per_org.entry(r.org.clone()).or_default();
-                e.1 -= 1;
-                e.2 += accrued + i128::from(price) * i128::from(ts - since);
-            }
-        }
-    }
-
-    /// The spec's JSON, as `GET /` renders it.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::Value::Object(
-            self.per_org
-                .iter()
-                .map(|(org, (s, r, b))| (org.clone(), serde_json::json!({"started": s, "running": r, "billing": *b as i64})))
-                .collect(),
-        )
-    }
 }
 
 /// Runs the simulator against a Kafka topic in a background thread: one step per `interval`, at wall
@@ -270,19 +183,26 @@ pub fn spawn_producer(
     std::thread::Builder::new()
         .name("tally-sim".into())
         .spawn(move || {
-            let producer: ThreadedProducer<DefaultProducerContext> =
-                match rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "0").create() {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "simulator cannot create a Kafka producer");
-                        return;
-                    }
-                };
-            let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+            let producer: ThreadedProducer<DefaultProducerContext> = match rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("linger.ms", "0")
+                .create()
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "simulator cannot create a Kafka producer");
+                    return;
+                }
+            };
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
             let mut sim = Simulator::new(seed);
             let mut pos = 4;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                let now_s = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
                 let event = sim.step(now_s);
                 for (key, value) in debezium_records(&event, now_s, pos, true) {
                     let mut rec = BaseRecord::<String, String>::to(&topic).key(&key);
@@ -302,23 +222,38 @@ pub fn spawn_producer(
 }
 
 /// The 107 food names of the original datafeed ("foie gras" is sent as `foie-gras`).
-pub const FOODS: &str = include_str!("../data/foods.txt");
+pub const FOODS: &str = include_str!("../../data/foods.txt");
 
 /// The food names as the datafeed sends them.
 pub fn foods() -> Vec<String> {
-    FOODS.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| l.replace(' ', "-")).collect()
+    FOODS
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.replace(' ', "-"))
+        .collect()
 }
 
 /// Produces `{"food": "<name>"}` (unkeyed) to `topic` every `interval`, `count` times or forever.
-pub fn food_feed(brokers: &str, topic: &str, interval: std::time::Duration, count: Option<u64>) -> Result<(), rdkafka::error::KafkaError> {
+pub fn food_feed(
+    brokers: &str,
+    topic: &str,
+    interval: std::time::Duration,
+    count: Option<u64>,
+) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
     let names = foods();
     let mut rng = StdRng::from_os_rng();
     let mut sent = 0u64;
     while count.is_none_or(|c| sent < c) {
         let food = &names[rng.random_range(0..names.len())];
-        let value = format!("{{\"food\": {}}}", serde_json::to_string(food).expect("strings serialize"));
+        let value = format!(
+            "{{\"food\": {}}}",
+            serde_json::to_string(food).expect("strings serialize")
+        );
         if let Err((e, _)) = producer.send(BaseRecord::<(), String>::to(topic).payload(&value)) {
             tracing::warn!(error = %e, "feed could not enqueue a message");
         } else {
@@ -338,24 +273,6 @@ mod tests {
         assert_eq!(zoned_timestamp(1_714_566_896), "2024-05-01T12:34:56Z");
         assert_eq!(zoned_timestamp(0), "1970-01-01T00:00:00Z");
         assert_eq!(zoned_timestamp(951_782_400), "2000-02-29T00:00:00Z");
-    }
-
-    #[test]
-    fn workload_keeps_the_running_set_and_the_ledger_bills_each_price() {
-        let mut w = Workload::new(1, 3, 50, 0.3, 10);
-        let mut ledger = Ledger::default();
-        for _ in 0..5000 {
-            let (e, ts) = w.next_event();
-            ledger.apply(&e, ts);
-        }
-        let running: i64 = ledger.per_org.values().map(|v| v.1).sum();
-        assert!((49..=50).contains(&running), "running set held at 50 (49 right after a destroy): {running}");
-        let mut l = Ledger::default();
-        let r = SimRow { id: 1, org: "o".into(), instance: "i".into(), price: 10, started_s: 0 };
-        l.apply(&SimEvent::Deploy(r.clone()), 0);
-        l.apply(&SimEvent::Reprice { before: r.clone(), after: SimRow { price: 20, ..r.clone() } }, 100);
-        l.apply(&SimEvent::Destroy(SimRow { price: 20, ..r }), 130);
-        assert_eq!(l.to_json()["o"]["billing"], 10 * 100 + 20 * 30);
     }
 
     #[test]

@@ -1,0 +1,12 @@
+//! The processing-time clock: timely timestamps are wall-clock epochs rounded down to the tick, so every
+//! worker's time advances even when its partitions are idle. Event time (e.g. `source.ts_ms`) is data.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The processing-time epoch now: wall-clock milliseconds rounded down to `tick_ms`.
+pub fn epoch_now(tick_ms: u64) -> u64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    ms - ms % tick_ms.max(1)
+}

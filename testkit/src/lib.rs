@@ -1,0 +1,38 @@
+//! Support shared by tally's tests and benchmarks (dev-only): a real broker started by the project's own
+//! `scripts/broker`, the real `tally` binary as a child process, producing records, a plain HTTP client,
+//! and the workloads with their independent ledgers. Nothing here skips: a missing service is a loud
+//! failure.
+
+pub mod http;
+pub mod process;
+pub mod produce;
+pub mod services;
+pub mod workload;
+
+use std::path::PathBuf;
+
+pub use http::{http_body, http_get, metric_sum};
+pub use process::{KillOnDrop, Tally};
+pub use produce::{capture_records, produce, produce_to, send_retrying, Rec};
+pub use services::{create_topic, Broker, MariaDb};
+pub use workload::{Ledger, Workload};
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The Debezium fixtures (generated and captured), inside the repository.
+pub fn fixtures() -> PathBuf {
+    let dir = root().join("tests/fixtures/debezium");
+    assert!(dir.is_dir(), "fixtures missing at {}", dir.display());
+    dir
+}
+
+/// A fresh, empty directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tally-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
