@@ -13,6 +13,9 @@ pub struct Metrics {
     pub decode_errors: IntCounterVec,
     pub ignored: IntCounterVec,
     pub dead_lettered: IntCounterVec,
+    pub dead_letter_skipped: IntCounterVec,
+    pub dead_letter_errors: IntCounterVec,
+    pub http_accept_errors: prometheus::IntCounter,
     pub kafka_errors: IntCounterVec,
     pub lag: IntGaugeVec,
     pub record_age: HistogramVec,
@@ -23,6 +26,7 @@ pub struct Metrics {
     pub state_records: IntGaugeVec,
     pub sink_batches: IntCounterVec,
     pub sink_rows: IntCounterVec,
+    pub sink_errors: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -81,6 +85,27 @@ impl Metrics {
                 "Messages written to the dead-letter file",
                 &["topic"],
             ),
+            dead_letter_skipped: counter(
+                &r,
+                "tally_source_dead_letter_skipped_total",
+                "Undecodable messages not written again: an earlier run dead-lettered them",
+                &["topic"],
+            ),
+            dead_letter_errors: counter(
+                &r,
+                "tally_source_dead_letter_errors_total",
+                "Dead-letter writes that failed (the message's bytes are not kept)",
+                &["topic"],
+            ),
+            http_accept_errors: {
+                let c = prometheus::IntCounter::new(
+                    "tally_http_accept_errors_total",
+                    "HTTP accepts that failed (out of descriptors, ...)",
+                )
+                .expect("static metric definition is valid");
+                r.register(Box::new(c.clone())).expect("metric names are unique");
+                c
+            },
             kafka_errors: counter(
                 &r,
                 "tally_source_kafka_errors_total",
@@ -131,6 +156,12 @@ impl Metrics {
                 &["sink"],
             ),
             sink_rows: counter(&r, "tally_sink_rows_total", "Rows written by a sink", &["sink"]),
+            sink_errors: counter(
+                &r,
+                "tally_sink_errors_total",
+                "Commits that failed (kept and retried)",
+                &["sink"],
+            ),
             registry: r,
         }
     }

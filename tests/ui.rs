@@ -94,8 +94,13 @@ fn usage_page_renders_the_demo_view_by_organization() {
     let mut tally = common::spawn_tally(&["demo", "--interval-ms", "20"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let view = loop {
-        let body = tally.get("/").2;
-        let view: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+        let (status, _, body) = tally.get("/");
+        // Until tally has caught up with its topic the view answers 503 with its progress, not the view.
+        let view: serde_json::Map<String, serde_json::Value> = if status == 200 {
+            serde_json::from_str(&body).unwrap_or_default()
+        } else {
+            Default::default()
+        };
         if !view.is_empty() {
             break view;
         }

@@ -6,10 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::Ledger;
-use common::{capture_records, produce, Broker, Rec, Tally};
+use common::{capture_records, produce, simulated, Broker, Rec, Tally};
 use serde_json::json;
-use tally::tools::sim::{debezium_records, Simulator};
 
 const TOPIC: &str = "topic.cloud.instances";
 const WAIT: Duration = Duration::from_secs(60);
@@ -62,10 +60,8 @@ fn captured_stream_gives_the_hand_computed_bill() {
     let tally = common::spawn_tally(&usage_args(&broker, "1", dl.to_str().unwrap()));
     tally.wait_for_json("/", &captured_expected(), WAIT);
     let (_, head, _) = tally.get("/");
-    let as_of: u64 = head
-        .lines()
-        .find_map(|l| l.strip_prefix("X-Tally-As-Of: "))
-        .and_then(|v| v.trim().parse().ok())
+    let as_of: u64 = common::header(&head, "X-Tally-As-Of")
+        .and_then(|v| v.parse().ok())
         .expect("as-of header");
     assert!(
         as_of > 1_700_000_000_000,
@@ -175,30 +171,6 @@ fn captured_stream_over_four_partitions_with_two_workers_and_redelivery() {
     let mut tally = tally;
     let (status, _) = tally.terminate();
     assert!(status.success(), "SIGTERM should end tally cleanly, got {status}");
-}
-
-/// `steps` simulator steps with database time advancing 1-3 s per step, as Debezium records over
-/// `partitions` partitions (by id), plus what the simulator did billed independently of tally.
-fn simulated(steps: usize, partitions: i32, seed: u64) -> (Vec<Rec>, serde_json::Value) {
-    let mut sim = Simulator::new(seed);
-    let mut ts = 1_700_000_000i64;
-    let mut ledger = Ledger::default();
-    let mut records = Vec::new();
-    for i in 0..steps {
-        ts += 1 + (i as i64 % 3);
-        let event = sim.step(ts);
-        let id = event.row().id;
-        for (key, value) in debezium_records(&event, ts, 1000 + i as u64 * 10, i % 2 == 0) {
-            records.push(Rec {
-                partition: (id % partitions as u64) as i32,
-                key: Some(key.into_bytes()),
-                value: value.map(String::into_bytes),
-                headers: vec![],
-            });
-        }
-        ledger.apply(&event, ts);
-    }
-    (records, ledger.to_json())
 }
 
 #[test]

@@ -53,6 +53,13 @@ pub(crate) struct Args {
     /// After each drain, keep sampling tally's memory this many seconds with no traffic.
     #[arg(long, default_value_t = 5.0)]
     pub(crate) idle_s: f64,
+    /// HTTP load phase (0 skips it): one more drain per worker count with this many wrk clients polling
+    /// `GET /` throughout, then wrk for --http-secs against the caught-up view.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) http_clients: usize,
+    /// Seconds of wrk against the caught-up view in the HTTP load phase.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) http_secs: u64,
     /// Niceness of the freshness phases' background generator (its thread and its producer's threads): the
     /// generator stands in for producers on other machines, so it yields the cores to the broker and tally.
     /// 0 keeps it at tally's priority.

@@ -33,13 +33,14 @@ mod drain;
 mod floors;
 mod freshness;
 mod load;
+mod polling;
 mod python;
 mod report;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tally::pipelines::usage::UsageDecoder;
 use tally::sources::decode::{Decoded, Decoder, Metadata};
@@ -189,6 +190,59 @@ fn main() {
                 a.idle_s
             ));
             max_rate.insert(w, n as f64 / mid.secs);
+        }
+        // HTTP load: a drain with wrk polling throughout, then wrk against the caught-up view.
+        for &w in workers.iter().filter(|_| a.http_clients > 0) {
+            let clients = a.http_clients;
+            let t = spawn_tally(&broker.addr, topic, w, &dir, &a.tally_args);
+            let during = match polling::Wrk::start(&t.http, clients, 3600) {
+                Ok(wrk) => wrk,
+                Err(e) => {
+                    notes.push(format!("HTTP load not measured: {e}"));
+                    break;
+                }
+            };
+            let done = wait_equal(&t.http, &expected, Duration::from_secs(900), || {});
+            let during = during.stop();
+            let Some((first, end)) = done else {
+                notes.push(format!(
+                    "schemas {mode}, tally -w {w} under {clients} polling clients: never equal to the ledger"
+                ));
+                continue;
+            };
+            let secs = (end - first).as_secs_f64();
+            let body = http_body(&t.http, "/").map_or(0, |b| b.len());
+            let steady = polling::Wrk::start(&t.http, clients, a.http_secs)
+                .map(polling::Wrk::finish)
+                .unwrap_or_default();
+            eprintln!(
+                "bench: tally -w {w} with {clients} clients polling: {:.0}/s; during {during:?}; caught up {steady:?}",
+                n as f64 / secs
+            );
+            rows.push(row(
+                &format!("tally -w {w}, {clients} clients polling GET / (end to end)"),
+                w,
+                secs,
+                None,
+                Some(true),
+            ));
+            notes.push(format!(
+                "schemas {mode}, tally -w {w} with {clients} wrk clients polling GET / ({} tally flags): drained at {:.0} records/s ({:.2}x the unloaded median {:.0}); during the drain {:.0} requests/s, p50 {:.1} ms, p99 {:.1} ms, {} answered non-2xx (503 while catching up), socket errors: {}; against the caught-up view ({body} bytes) for {} s: {:.0} requests/s, p50 {:.1} ms, p99 {:.1} ms, socket errors: {}",
+                if a.tally_args.is_empty() { "default" } else { a.tally_args.as_str() },
+                n as f64 / secs,
+                n as f64 / secs / max_rate[&w],
+                max_rate[&w],
+                during.requests_per_s,
+                during.p50_ms,
+                during.p99_ms,
+                during.non_2xx,
+                if during.socket_errors.is_empty() { "none" } else { during.socket_errors.as_str() },
+                a.http_secs,
+                steady.requests_per_s,
+                steady.p50_ms,
+                steady.p99_ms,
+                if steady.socket_errors.is_empty() { "none" } else { steady.socket_errors.as_str() },
+            ));
         }
         // Engine only, and decoding only: decode every record once (timed), then feed the dataflow.
         if !a.skip_engine {

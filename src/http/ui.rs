@@ -43,9 +43,12 @@ th:first-child,td:first-child{text-align:left;font-family:monospace}#asof{color:
 <h1>{{TITLE}}</h1><p id="asof">loading…</p><table id="t"></table>
 <script>
 const PATH={{PATH}},KEY={{KEY}},KEY_FIELD={{KEY_FIELD}};
+// With --auth-token-file, open /ui#token=<token>: the fragment never leaves the browser but in this header.
+const TOKEN=new URLSearchParams(location.hash.slice(1)).get('token');
 async function tick(){
   try{
-    const r=await fetch(PATH);const asof=r.headers.get('X-Tally-As-Of');const data=await r.json();
+    const r=await fetch(PATH,{headers:TOKEN?{Authorization:'Bearer '+TOKEN}:{}});
+    if(r.status===503){document.getElementById('asof').textContent='catching up: '+(await r.json()).behind+' messages behind';return;}const asof=r.headers.get('X-Tally-As-Of');const data=await r.json();
     const rows=Array.isArray(data)?data.map(o=>[KEY_FIELD===null?'':(o[KEY_FIELD]??''),o]):Object.entries(data);
     const cols=rows.length?Object.keys(rows[0][1]).filter(c=>c!==KEY_FIELD):[];
     // Keys come from Kafka: cells get text, never markup, so a key like <img onerror=...> stays text.

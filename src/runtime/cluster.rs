@@ -27,17 +27,6 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// One process with `workers` threads, ticking every 20 ms (the flags' defaults).
-    pub fn local(workers: usize) -> Self {
-        Cluster {
-            workers,
-            processes: 1,
-            process: 0,
-            hostfile: None,
-            tick_ms: 20,
-        }
-    }
-
     /// The timely configuration for this layout.
     pub fn timely_config(&self) -> Result<timely::Config, RuntimeError> {
         if self.workers == 0 {

@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod cluster;
+pub mod health;
 pub mod process;
 pub mod publish;
 
@@ -22,10 +23,11 @@ use tracing::info;
 pub use cluster::Cluster;
 
 use crate::error::RuntimeError;
-use crate::http::{self, Routes};
+use crate::http::{self, Limits, Routes, Serving};
 use crate::metrics::Metrics;
 use crate::sources::dead_letter::DeadLetter;
 use crate::sources::kafka::SourceContext;
+use health::Health;
 
 /// Where a pipeline serves, where its bad messages go, and how its workers are laid out.
 #[derive(Clone, Debug)]
@@ -36,6 +38,41 @@ pub struct Common {
     pub dead_letter: PathBuf,
     /// Workers and processes.
     pub cluster: Cluster,
+    /// How it serves and reports health.
+    pub ops: OpsArgs,
+}
+
+/// The operational flags every pipeline shares: HTTP bounds, readiness, access, dead-letter size.
+#[derive(clap::Args, Clone, Debug)]
+pub struct OpsArgs {
+    /// File holding a bearer token: every endpoint but /health and /ui then asks for
+    /// `Authorization: Bearer <token>` (the page takes it as /ui#token=...).
+    #[arg(long, env = "TALLY_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Serve views before tally has caught up with its sources, marked `X-Tally-Partial: true`, instead of
+    /// answering 503 with Retry-After.
+    #[arg(long, env = "TALLY_SERVE_PARTIAL")]
+    pub serve_partial: bool,
+    /// /health says degraded once a source has not heard from the broker for this many milliseconds.
+    #[arg(long, env = "TALLY_STALE_AFTER_MS", default_value_t = 30_000)]
+    pub stale_after_ms: u64,
+    /// HTTP connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "TALLY_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
+    /// HTTP timeout in milliseconds: to send a request head, to idle between requests, and without write
+    /// progress on a response (a client that stops reading is dropped).
+    #[arg(long, env = "TALLY_HTTP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_timeout_ms: u64,
+    /// Size in bytes at which the dead-letter file is rotated to <file>.1 (one older file is kept).
+    #[arg(long, env = "TALLY_DEAD_LETTER_MAX_BYTES", default_value_t = crate::sources::dead_letter::DEFAULT_MAX_BYTES)]
+    pub dead_letter_max_bytes: u64,
+}
+
+/// A flag group with every flag at its default (as the command line would give it), for the demo and
+/// tools that run a pipeline without its command line.
+pub fn defaults<A: clap::Args + clap::FromArgMatches>() -> A {
+    let command = A::augment_args(clap::Command::new("defaults"));
+    A::from_arg_matches(&command.get_matches_from(["defaults"])).expect("every flag in the group has a default")
 }
 
 /// What the runtime gives a pipeline's dataflow on each worker.
@@ -49,6 +86,8 @@ pub struct Env {
     pub tick_ms: u64,
     /// Where sources put what they cannot decode.
     pub dead_letter: Arc<DeadLetter>,
+    /// What `/health` reports; sources and sinks tell it how they are doing.
+    pub health: Arc<Health>,
 }
 
 impl Env {
@@ -59,6 +98,7 @@ impl Env {
             dead_letter: self.dead_letter.clone(),
             shutdown: self.shutdown.clone(),
             tick_ms: self.tick_ms,
+            health: self.health.clone(),
         }
     }
 }
@@ -84,11 +124,33 @@ pub trait Pipeline: Send + Sync + 'static {
 
 /// Runs `pipeline` until SIGTERM (or until its sources complete).
 pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
+    // Each HTTP connection and Kafka socket is a descriptor: take what the hard limit allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(open_files = limit, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+    }
     let metrics = Arc::new(Metrics::new());
     let shutdown = process::stop_on_signals()?;
     let common = pipeline.common();
+    let ops = &common.ops;
+    let health = Arc::new(Health::new(Duration::from_millis(ops.stale_after_ms)));
+    let auth_token = match &ops.auth_token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| RuntimeError::Config(format!("--auth-token-file {}: {e}", path.display())))?;
+            let token = token.trim().to_owned();
+            if token.is_empty() {
+                return Err(RuntimeError::Config(format!(
+                    "--auth-token-file {} is empty",
+                    path.display()
+                )));
+            }
+            Some(token)
+        }
+        None => None,
+    };
     let routes = pipeline.prepare(&metrics)?;
-    let dead_letter = Arc::new(DeadLetter::open(&common.dead_letter)?);
+    let dead_letter = Arc::new(DeadLetter::open(&common.dead_letter, ops.dead_letter_max_bytes)?);
     if common.cluster.serves_http() {
         let server = http::bind(&common.listen)?;
         println!(
@@ -97,7 +159,21 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
             server.addr(),
             routes.home()
         );
-        http::spawn(server, routes, metrics.clone(), shutdown.clone());
+        let timeout = Duration::from_millis(ops.http_timeout_ms.max(1));
+        let limits = Limits {
+            max_connections: ops.http_max_connections,
+            header_timeout: timeout,
+            write_timeout: timeout,
+            ..Limits::default()
+        };
+        let serving = Serving {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            auth_token,
+            serve_partial: ops.serve_partial,
+            limits,
+        };
+        http::spawn(server, routes, serving, shutdown.clone());
     }
     let cluster = common.cluster;
     let tick_ms = cluster.tick_ms.max(1);
@@ -107,6 +183,7 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
         shutdown,
         tick_ms,
         dead_letter,
+        health,
     };
     let pipeline = Arc::new(pipeline);
     execute(&cluster, move |worker| {

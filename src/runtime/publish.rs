@@ -153,7 +153,7 @@ mod tests {
                 input.flush();
                 worker.step_while(|| probe.less_than(input.time()));
                 worker.step();
-                out.push(view.read().1.to_string());
+                out.push(String::from_utf8(view.read().body.to_vec()).expect("JSON is UTF-8"));
             }
             out
         })

@@ -18,8 +18,8 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::Stream;
 
-use crate::metrics::Metrics;
 use crate::runtime::publish::drain_closed;
+use crate::runtime::Env;
 use crate::sources::kafka::Progress;
 
 /// The next offset to read, per partition.
@@ -34,8 +34,8 @@ pub trait TxSink: 'static {
     /// Why a write failed.
     type Error: std::error::Error;
 
-    /// A short name for metrics and logs (`sqlite`, `postgres`).
-    fn name(&self) -> &'static str;
+    /// A short name for metrics, logs and `/health` (`sqlite`, `postgres`).
+    const NAME: &'static str;
 
     /// The offsets stored for `topic`, to resume from.
     fn offsets(&mut self, topic: &str) -> Result<Offsets, Self::Error>;
@@ -61,9 +61,10 @@ pub fn tx_sink<'s, S: TxSink, E: std::fmt::Display>(
     changes: VecCollection<'s, u64, S::Data, S::Diff>,
     progress: Stream<'s, u64, Vec<Progress>>,
     topic: String,
-    metrics: std::sync::Arc<Metrics>,
+    env: &Env,
     mut open: impl FnMut() -> Result<S, E> + 'static,
 ) {
+    let (metrics, health) = (env.metrics.clone(), env.health.clone());
     let scope = progress.scope();
     let is_writer = scope.index() == 0;
     let mut builder = OperatorBuilder::new("TxSink".to_owned(), scope);
@@ -104,7 +105,8 @@ pub fn tx_sink<'s, S: TxSink, E: std::fmt::Display>(
                 match open() {
                     Ok(s) => sink = Some(s),
                     Err(e) => {
-                        tracing::error!(error = %e, "sink cannot open its store; will retry");
+                        tracing::error!(sink = S::NAME, error = %e, "sink cannot open its store; will retry");
+                        health.sink(S::NAME, Some(format!("cannot open its store: {e}")));
                         return;
                     }
                 }
@@ -122,14 +124,19 @@ pub fn tx_sink<'s, S: TxSink, E: std::fmt::Display>(
             batch.extend(changed.iter().map(|(d, r)| (d.clone(), r.clone())));
             match s.commit(as_of, &topic, &batch, &offsets) {
                 Ok(rows) => {
-                    metrics.sink_batches.with_label_values(&[s.name()]).inc();
-                    metrics.sink_rows.with_label_values(&[s.name()]).inc_by(rows as u64);
+                    metrics.sink_batches.with_label_values(&[S::NAME]).inc();
+                    metrics.sink_rows.with_label_values(&[S::NAME]).inc_by(rows as u64);
+                    health.sink(S::NAME, None);
                     changed.clear();
                     offsets.clear();
                     s.closed(as_of, true);
                     last_as_of = Some(as_of);
                 }
-                Err(e) => tracing::error!(sink = s.name(), error = %e, "commit failed; changes kept and retried"),
+                Err(e) => {
+                    tracing::error!(sink = S::NAME, error = %e, "commit failed; changes kept and retried");
+                    metrics.sink_errors.with_label_values(&[S::NAME]).inc();
+                    health.sink(S::NAME, Some(e.to_string()));
+                }
             }
         }
     });

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -31,6 +32,8 @@ use super::decode::{Decoded, Decoder, Headers, Metadata};
 use crate::error::RuntimeError;
 use crate::metrics::Metrics;
 use crate::runtime::clock::epoch_now;
+use crate::runtime::health::{Health, SourceHealth};
+use crate::sources::dead_letter::Written;
 
 /// Where and how to read.
 #[derive(Clone, Debug)]
@@ -118,6 +121,9 @@ pub struct SourceContext {
     pub shutdown: Arc<AtomicBool>,
     /// How often timestamps close, in milliseconds.
     pub tick_ms: u64,
+    /// Told when the source has caught up with the watermarks it saw at start, and when it last heard
+    /// from the broker.
+    pub health: Arc<Health>,
 }
 
 /// A source's outputs.
@@ -156,6 +162,7 @@ pub fn kafka_source<'s, D: Decoder>(
         let mut next_attempt = Instant::now();
         let tick = Duration::from_millis(ctx.tick_ms.max(1));
         let topic = cfg.topic.clone();
+        let health = ctx.health.source(&topic, index);
         move |_frontiers| {
             let Some(capabilities) = caps.as_mut() else { return };
             if ctx.shutdown.load(Ordering::Relaxed) {
@@ -164,9 +171,10 @@ pub fn kafka_source<'s, D: Decoder>(
                 return;
             }
             if reader.is_none() && Instant::now() >= next_attempt {
-                match Reader::connect(&cfg, index, peers, ctx.metrics.clone(), wake.clone()) {
+                match Reader::connect(&cfg, index, peers, ctx.metrics.clone(), wake.clone(), health.clone()) {
                     Ok(r) => {
-                        info!(topic = %cfg.topic, worker = index, partitions = ?r.partitions, "assigned partitions");
+                        info!(topic = %cfg.topic, worker = index, partitions = ?r.partitions, behind = r.behind(), "assigned partitions");
+                        health.behind(r.behind());
                         reader = Some(r);
                     }
                     Err(e) => {
@@ -192,6 +200,11 @@ pub fn kafka_source<'s, D: Decoder>(
                     }
                     match r.consumer.poll(Duration::ZERO) {
                         None => break,
+                        // The end of a partition: read up to its high watermark, gaps (compaction, transaction
+                        // markers) included, so it has caught up even if no message carries the last offset.
+                        Some(Err(KafkaError::PartitionEOF(p))) => {
+                            r.targets.remove(&p);
+                        }
                         Some(Err(e)) => {
                             warn!(topic = %topic, worker = index, error = %e, "Kafka poll error");
                             ctx.metrics.kafka_errors.with_label_values(&[topic.as_str()]).inc();
@@ -223,10 +236,19 @@ pub fn kafka_source<'s, D: Decoder>(
                                 Err(e) => {
                                     warn!(topic = %topic, partition = meta.partition, offset = meta.offset, reason = e.reason(), error = %e, "undecodable message dead-lettered");
                                     ctx.metrics.decode_errors.with_label_values(&[topic.as_str(), e.reason()]).inc();
-                                    if let Err(io) = ctx.dead_letter.write(key, value, &meta, &e) {
-                                        tracing::error!(topic = %topic, partition = meta.partition, offset = meta.offset, error = %io, "dead-letter write failed: message lost");
-                                    } else {
-                                        ctx.metrics.dead_lettered.with_label_values(&[topic.as_str()]).inc();
+                                    match ctx.dead_letter.write(key, value, &meta, &e) {
+                                        Ok(Written::Appended) => {
+                                            ctx.metrics.dead_lettered.with_label_values(&[topic.as_str()]).inc();
+                                            ctx.health.dead_letter(true);
+                                        }
+                                        Ok(Written::AlreadyThere) => {
+                                            ctx.metrics.dead_letter_skipped.with_label_values(&[topic.as_str()]).inc();
+                                        }
+                                        Err(io) => {
+                                            tracing::error!(topic = %topic, partition = meta.partition, offset = meta.offset, error = %io, "dead-letter write failed: the message's bytes are not kept");
+                                            ctx.metrics.dead_letter_errors.with_label_values(&[topic.as_str()]).inc();
+                                            ctx.health.dead_letter(false);
+                                        }
                                     }
                                 }
                             }
@@ -239,9 +261,22 @@ pub fn kafka_source<'s, D: Decoder>(
                 for (p, (n, next_offset)) in per_partition {
                     ctx.metrics.messages.with_label_values(&[topic.as_str(), &p.to_string()]).inc_by(n);
                     progress.give(Progress { partition: p, next_offset });
+                    r.positions.insert(p, next_offset);
+                    if r.targets.get(&p).is_some_and(|t| next_offset >= *t) {
+                        r.targets.remove(&p);
+                    }
                 }
                 ctx.metrics.bytes.with_label_values(&[topic.as_str()]).inc_by(bytes);
                 ages.flush();
+                if read > 0 {
+                    health.heard();
+                }
+                if r.targets.is_empty() {
+                    // Every record read so far was given at this capability's time or before.
+                    health.caught_up(*capabilities[0].time());
+                } else if read > 0 {
+                    health.behind(r.behind());
+                }
             }
             let now = epoch_now(ctx.tick_ms);
             for capability in capabilities.iter_mut() {
@@ -265,10 +300,14 @@ pub fn kafka_source<'s, D: Decoder>(
 struct LagContext {
     metrics: Arc<Metrics>,
     topic: String,
+    health: Arc<SourceHealth>,
 }
 
 impl ClientContext for LagContext {
     fn stats(&self, stats: Statistics) {
+        if stats.brokers.values().any(|b| b.state == "UP") {
+            self.health.heard();
+        }
         let Some(topic) = stats.topics.get(&self.topic) else {
             return;
         };
@@ -294,6 +333,20 @@ impl ConsumerContext for LagContext {}
 struct Reader {
     consumer: BaseConsumer<LagContext>,
     partitions: Vec<i32>,
+    /// Per partition not yet read to it: the high watermark seen when the reader connected.
+    targets: HashMap<i32, i64>,
+    /// Per partition: the next offset to read.
+    positions: HashMap<i32, i64>,
+}
+
+impl Reader {
+    /// Messages between the positions and the targets.
+    fn behind(&self) -> u64 {
+        self.targets
+            .iter()
+            .map(|(p, t)| (t - self.positions.get(p).copied().unwrap_or(0)).max(0) as u64)
+            .sum()
+    }
 }
 
 impl Reader {
@@ -303,10 +356,12 @@ impl Reader {
         peers: usize,
         metrics: Arc<Metrics>,
         wake: SyncActivator,
+        health: Arc<SourceHealth>,
     ) -> Result<Reader, RuntimeError> {
         let context = LagContext {
             metrics,
             topic: cfg.topic.clone(),
+            health,
         };
         let mut consumer: BaseConsumer<LagContext> = client_config(cfg)
             .set("statistics.interval.ms", "1000")
@@ -337,15 +392,27 @@ impl Reader {
             .filter(|p| (*p as usize) % peers == index)
             .collect();
         let mut tpl = TopicPartitionList::new();
+        let (mut targets, mut positions) = (HashMap::new(), HashMap::new());
         for p in &partitions {
-            let start = cfg
-                .start_offsets
-                .get(p)
-                .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            let stored = cfg.start_offsets.get(p).copied();
+            let start = stored.map_or(Offset::Beginning, Offset::Offset);
             tpl.add_partition_offset(&cfg.topic, *p, start)?;
+            // What "caught up" means for this partition: read to the end it has now.
+            let (low, high) = consumer.fetch_watermarks(&cfg.topic, *p, Duration::from_secs(5))?;
+            let from = stored.unwrap_or(low).max(low);
+            positions.insert(*p, from);
+            if from < high {
+                targets.insert(*p, high);
+            }
         }
         consumer.assign(&tpl)?;
-        Ok(Reader { consumer, partitions })
+        consumer.context().health.heard();
+        Ok(Reader {
+            consumer,
+            partitions,
+            targets,
+            positions,
+        })
     }
 }
 
@@ -357,7 +424,8 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("client.id", &cfg.client_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
+        // Reaching a partition's end is how a source knows it caught up (see the poll loop).
+        .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
         // librdkafka's 1 MiB per partition and fetch starves a single consumer on small records.
         .set("max.partition.fetch.bytes", "8388608")

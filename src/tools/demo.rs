@@ -9,7 +9,7 @@ use rdkafka::mocking::MockCluster;
 
 use crate::error::RuntimeError;
 use crate::pipelines::usage::{UsageArgs, UsagePipeline};
-use crate::runtime::Cluster;
+use crate::runtime::{defaults, Cluster};
 use crate::sources::kafka::KafkaArgs;
 
 /// `tally demo`: the flags.
@@ -41,12 +41,16 @@ impl DemoArgs {
             self.interval_ms
         );
         let usage = UsageArgs {
-            kafka: KafkaArgs::with_brokers(brokers),
+            kafka: KafkaArgs { brokers, ..defaults() },
             topic: topic.into(),
             listen: self.listen,
             dead_letter: std::env::temp_dir().join("tally-demo-dead-letter.jsonl"),
             decimal_scale: None,
-            cluster: Cluster::local(self.workers),
+            cluster: Cluster {
+                workers: self.workers,
+                ..defaults()
+            },
+            ops: defaults(),
         };
         let result = crate::runtime::run(UsagePipeline::new(usage));
         // The simulator's producer goes before the broker it talks to (else librdkafka logs "all brokers down").

@@ -20,6 +20,15 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String, String) {
     (status, head.to_owned(), body.to_owned())
 }
 
+/// A header's value in a response head as [`http_get`] returns it; names compare case-insensitively (as
+/// HTTP says: hyper sends them in lower case).
+pub fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines().skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 /// The body of a 200 answer to `GET path`.
 pub fn http_body(addr: &str, path: &str) -> Option<String> {
     let (status, _, body) = http_get(addr, path);

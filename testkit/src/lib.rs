@@ -11,11 +11,11 @@ pub mod workload;
 
 use std::path::PathBuf;
 
-pub use http::{http_body, http_get, metric_sum};
+pub use http::{header, http_body, http_get, metric_sum};
 pub use process::{KillOnDrop, Tally};
 pub use produce::{capture_records, produce, produce_to, send_retrying, Rec};
 pub use services::{create_topic, Broker, MariaDb};
-pub use workload::{Ledger, Workload};
+pub use workload::{simulated, Ledger, Workload};
 
 /// The repository's root.
 pub fn root() -> PathBuf {

@@ -4,7 +4,9 @@ use std::collections::VecDeque;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tally::tools::sim::{deploy, SimEvent, SimRow, ORGS};
+use tally::tools::sim::{debezium_records, deploy, SimEvent, SimRow, Simulator, ORGS};
+
+use crate::produce::Rec;
 
 /// A benchmark workload: fills a running set of `running` rows, then keeps it constant with a mix of
 /// destroy-oldest + deploy pairs and price changes (`update_ratio` of the events). Database time advances
@@ -121,6 +123,30 @@ impl Ledger {
                 .collect(),
         )
     }
+}
+
+/// `steps` simulator steps with database time advancing 1-3 s per step, as Debezium records over
+/// `partitions` partitions (by id), plus what the simulator did billed independently of tally.
+pub fn simulated(steps: usize, partitions: i32, seed: u64) -> (Vec<Rec>, serde_json::Value) {
+    let mut sim = Simulator::new(seed);
+    let mut ts = 1_700_000_000i64;
+    let mut ledger = Ledger::default();
+    let mut records = Vec::new();
+    for i in 0..steps {
+        ts += 1 + (i as i64 % 3);
+        let event = sim.step(ts);
+        let id = event.row().id;
+        for (key, value) in debezium_records(&event, ts, 1000 + i as u64 * 10, i % 2 == 0) {
+            records.push(Rec {
+                partition: (id % partitions as u64) as i32,
+                key: Some(key.into_bytes()),
+                value: value.map(String::into_bytes),
+                headers: vec![],
+            });
+        }
+        ledger.apply(&event, ts);
+    }
+    (records, ledger.to_json())
 }
 
 #[cfg(test)]

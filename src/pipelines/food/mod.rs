@@ -14,7 +14,7 @@ pub use sink::FoodSink;
 use crate::error::RuntimeError;
 use crate::http::{Routes, Ui, ViewHandle};
 use crate::metrics::Metrics;
-use crate::runtime::{Cluster, Common, Env, Pipeline, StateSize};
+use crate::runtime::{Cluster, Common, Env, OpsArgs, Pipeline, StateSize};
 use crate::sinks::{tx_sink, TxSink};
 use crate::sources::inserts;
 use crate::sources::kafka::{kafka_source, KafkaArgs, KafkaConfig};
@@ -38,6 +38,8 @@ pub struct FoodArgs {
     pub dead_letter: PathBuf,
     #[command(flatten)]
     pub cluster: Cluster,
+    #[command(flatten)]
+    pub ops: OpsArgs,
 }
 
 /// The food counts pipeline, ready to run.
@@ -69,6 +71,7 @@ impl Pipeline for FoodPipeline {
             listen: self.args.listen.clone(),
             dead_letter: self.args.dead_letter.clone(),
             cluster: self.args.cluster.clone(),
+            ops: self.args.ops.clone(),
         }
     }
 
@@ -101,13 +104,9 @@ impl Pipeline for FoodPipeline {
             // A count's change as the change of the stored count: -(food, old) +(food, new) is new - old.
             let deltas =
                 dataflows::food_counts::food_counts(inserts(source.data)).explode(|(food, count)| Some((food, count)));
-            tx_sink(
-                deltas,
-                source.progress,
-                self.kafka.topic.clone(),
-                env.metrics.clone(),
-                move || FoodSink::open(&path).map(|s| s.publishing(view.clone(), metrics.clone())),
-            );
+            tx_sink(deltas, source.progress, self.kafka.topic.clone(), env, move || {
+                FoodSink::open(&path).map(|s| s.publishing(view.clone(), metrics.clone()))
+            });
         });
         Vec::new()
     }

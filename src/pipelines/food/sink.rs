@@ -111,9 +111,7 @@ impl TxSink for FoodSink {
     type Diff = isize;
     type Error = SqliteError;
 
-    fn name(&self) -> &'static str {
-        "sqlite"
-    }
+    const NAME: &'static str = "sqlite";
 
     fn offsets(&mut self, topic: &str) -> Result<Offsets, SqliteError> {
         sqlite::offsets(&self.conn, topic).map_err(self.err())

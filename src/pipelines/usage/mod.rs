@@ -17,7 +17,7 @@ use crate::error::RuntimeError;
 use crate::http::{Routes, Ui, ViewHandle};
 use crate::metrics::Metrics;
 use crate::runtime::publish::{json_object, publish};
-use crate::runtime::{Cluster, Common, Env, Pipeline, StateSize};
+use crate::runtime::{Cluster, Common, Env, OpsArgs, Pipeline, StateSize};
 use crate::sources::kafka::{kafka_source, KafkaArgs};
 
 /// `tally usage`: the flags.
@@ -39,6 +39,8 @@ pub struct UsageArgs {
     pub decimal_scale: Option<u32>,
     #[command(flatten)]
     pub cluster: Cluster,
+    #[command(flatten)]
+    pub ops: OpsArgs,
 }
 
 /// The usage pipeline, ready to run.
@@ -67,6 +69,7 @@ impl Pipeline for UsagePipeline {
             listen: self.args.listen.clone(),
             dead_letter: self.args.dead_letter.clone(),
             cluster: self.args.cluster.clone(),
+            ops: self.args.ops.clone(),
         }
     }
 
