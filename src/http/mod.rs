@@ -307,6 +307,10 @@ impl Routes {
             .unwrap_or("/")
     }
 
+    fn is_view(&self, path: &str) -> bool {
+        self.views.iter().any(|(p, _)| p == path)
+    }
+
     fn health(&self, health: &Health) -> crate::runtime::health::Status {
         let as_of: Vec<(&str, Option<u64>)> = self.views.iter().map(|(p, v)| (p.as_str(), v.as_of())).collect();
         health.status(&as_of)
@@ -351,7 +355,7 @@ impl Routes {
                 let Some((_, endpoint)) = self.endpoints.iter().find(|(route, _)| route.matches(path)) else {
                     return Reply::error(404, "not found");
                 };
-                if !self.views.iter().any(|(p, _)| p == path) {
+                if !self.is_view(path) {
                     return endpoint.respond(request);
                 }
                 let status = self.health(&serving.health);
@@ -576,6 +580,38 @@ mod tests {
             .unwrap();
         assert_eq!(inflated, body);
         assert!(raw.len() - split < body.len() / 2, "compressed");
+        shutdown.store(true, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn one_connection_gets_at_most_one_view_answer_per_interval() {
+        let view = ViewHandle::new("{}");
+        view.publish(1, None);
+        let limits = Limits {
+            view_interval: Duration::from_millis(50),
+            ..Limits::default()
+        };
+        let (addr, shutdown) = start(Routes::new().view("/", view), serving(limits));
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let started = Instant::now();
+        for _ in 0..6 {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut reply = [0u8; 4096];
+            let n = s.read(&mut reply).unwrap();
+            assert!(reply[..n].ends_with(b"{}"), "{}", String::from_utf8_lossy(&reply[..n]));
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "six answers within five intervals"
+        );
+        // Other endpoints are not paced, nor are other connections.
+        let started = Instant::now();
+        for _ in 0..6 {
+            assert!(exchange(&addr, b"GET /health HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 200"));
+        }
+        assert!(exchange(&addr, b"GET / HTTP/1.0\r\n\r\n").ends_with("{}"));
+        assert!(started.elapsed() < Duration::from_secs(5));
         shutdown.store(true, Ordering::Relaxed);
     }
 

@@ -44,6 +44,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Without any progress writing a response.
     pub write_timeout: Duration,
+    /// The least time between two view answers on one connection (the tick: a view changes no faster).
+    pub view_interval: Duration,
 }
 
 impl Default for Limits {
@@ -55,6 +57,7 @@ impl Default for Limits {
             max_body_bytes: 64 << 10,
             header_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            view_interval: Duration::from_millis(20),
         }
     }
 }
@@ -190,9 +193,24 @@ async fn accept_loop(server: Server, routes: Arc<Routes>, serving: Arc<Serving>,
 async fn serve_connection(stream: TcpStream, routes: Arc<Routes>, serving: Arc<Serving>) {
     let limits = serving.limits.clone();
     let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+    // A view changes at most once per closed timestamp, so a connection gets at most one view answer per
+    // `view_interval`: a faster poll waits (without CPU) for the next slot instead of taking the cores
+    // from the dataflow to re-send what it already has.
+    let next_view = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        let (routes, serving) = (routes.clone(), serving.clone());
-        async move { Ok::<_, Infallible>(handle(&request, &routes, &serving)) }
+        let (routes, serving, next_view) = (routes.clone(), serving.clone(), next_view.clone());
+        async move {
+            if routes.is_view(request.uri().path()) {
+                let slot = {
+                    let mut next = next_view.lock().unwrap_or_else(|p| p.into_inner());
+                    let slot = (*next).max(tokio::time::Instant::now());
+                    *next = slot + serving.limits.view_interval;
+                    slot
+                };
+                tokio::time::sleep_until(slot).await;
+            }
+            Ok::<_, Infallible>(handle(&request, &routes, &serving))
+        }
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

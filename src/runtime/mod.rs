@@ -164,6 +164,7 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
             max_connections: ops.http_max_connections,
             header_timeout: timeout,
             write_timeout: timeout,
+            view_interval: Duration::from_millis(common.cluster.tick_ms.max(1)),
             ..Limits::default()
         };
         let serving = Serving {
