@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -200,11 +199,6 @@ pub fn kafka_source<'s, D: Decoder>(
                     }
                     match r.consumer.poll(Duration::ZERO) {
                         None => break,
-                        // The end of a partition: read up to its high watermark, gaps (compaction, transaction
-                        // markers) included, so it has caught up even if no message carries the last offset.
-                        Some(Err(KafkaError::PartitionEOF(p))) => {
-                            r.targets.remove(&p);
-                        }
                         Some(Err(e)) => {
                             warn!(topic = %topic, worker = index, error = %e, "Kafka poll error");
                             ctx.metrics.kafka_errors.with_label_values(&[topic.as_str()]).inc();
@@ -271,6 +265,7 @@ pub fn kafka_source<'s, D: Decoder>(
                 if read > 0 {
                     health.heard();
                 }
+                r.check_positions();
                 if r.targets.is_empty() {
                     // Every record read so far was given at this capability's time or before.
                     health.caught_up(*capabilities[0].time());
@@ -337,9 +332,30 @@ struct Reader {
     targets: HashMap<i32, i64>,
     /// Per partition: the next offset to read.
     positions: HashMap<i32, i64>,
+    last_position_check: Instant,
 }
 
 impl Reader {
+    /// A partition whose fetch position has passed its target has caught up even when no message carries
+    /// the last offsets (transaction markers, records compacted away): librdkafka's position moves past
+    /// them. Asked at most every 100 ms, and only while some partition has not caught up.
+    fn check_positions(&mut self) {
+        if self.targets.is_empty() || self.last_position_check.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last_position_check = Instant::now();
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for elem in positions.elements() {
+            if let Offset::Offset(at) = elem.offset() {
+                if self.targets.get(&elem.partition()).is_some_and(|target| at >= *target) {
+                    self.targets.remove(&elem.partition());
+                }
+            }
+        }
+    }
+
     /// Messages between the positions and the targets.
     fn behind(&self) -> u64 {
         self.targets
@@ -412,6 +428,7 @@ impl Reader {
             partitions,
             targets,
             positions,
+            last_position_check: Instant::now(),
         })
     }
 }
@@ -424,8 +441,7 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("client.id", &cfg.client_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        // Reaching a partition's end is how a source knows it caught up (see the poll loop).
-        .set("enable.partition.eof", "true")
+        .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "10")
         // librdkafka's 1 MiB per partition and fetch starves a single consumer on small records.
         .set("max.partition.fetch.bytes", "8388608")
