@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{produce, simulated, Broker, Rec, Tally};
 
@@ -27,11 +27,8 @@ fn usage_args<'a>(broker: &'a str, dead_letter: &'a str) -> Vec<&'a str> {
 
 /// Polls until `check` holds, or fails with `what` after `WAIT`.
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let held = common::poll_until(WAIT, Duration::from_millis(50), || check().then_some(()));
+    assert!(held.is_some(), "timed out waiting until {what}");
 }
 
 fn health(tally: &Tally) -> (u16, serde_json::Value) {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use testkit::{http_body, metric_sum, Tally};
+use testkit::{http_body, metric_sum, poll_until, Tally};
 
 use crate::args::Args;
 use crate::{proc_status, sched};
@@ -88,20 +88,6 @@ pub(crate) fn wait_equal(
             (first.unwrap_or(done), done)
         })
     })
-}
-
-/// Calls `check` every `every` until it gives a value, or gives up once `limit` has passed.
-pub(crate) fn poll_until<T>(limit: Duration, every: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(every);
-    }
 }
 
 /// One timed drain of the whole topic by a fresh tally process.

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::producer::{DefaultProducerContext, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tally::tools::sim::{debezium_records, SimEvent, SimRow};
-use testkit::{http_body, Workload};
+use testkit::{http_body, poll_until, Workload};
 
 use crate::cpu_ticks;
-use crate::drain::*;
 use crate::load::*;
 
 /// CPU time so far: the whole machine's busy and total jiffies (/proc/stat), and user+system jiffies of

@@ -10,6 +10,7 @@ pub mod services;
 pub mod workload;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 pub use http::{header, http_body, http_get, metric_sum};
 pub use process::{KillOnDrop, Tally};
@@ -35,4 +36,18 @@ pub fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// Calls `check` every `every` until it gives a value, or gives up once `limit` has passed.
+pub fn poll_until<T>(limit: Duration, every: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
 }

@@ -59,34 +59,31 @@ impl Tally {
 
     /// Polls `GET path` until the body equals `expected` (parsed JSON), or fails with the last body seen.
     pub fn wait_for_json(&self, path: &str, expected: &serde_json::Value, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
         let mut last = String::new();
-        while Instant::now() < deadline {
+        let equal = crate::poll_until(timeout, Duration::from_millis(50), || {
             let (status, _, body) = self.get(path);
-            if status == 200 {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
-                    if &v == expected {
-                        return body;
-                    }
-                }
-                last = body;
+            if status != 200 {
+                return None;
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("timed out waiting for {path} to equal\n  {expected}\nlast body:\n  {last}");
+            if serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| &v == expected) {
+                return Some(body);
+            }
+            last = body;
+            None
+        });
+        equal.unwrap_or_else(|| panic!("timed out waiting for {path} to equal\n  {expected}\nlast body:\n  {last}"))
     }
 
     /// Waits until `metric` reaches `value` (metrics update per batch, after the view may already show it).
     pub fn wait_for_metric(&self, metric: &str, value: f64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.metric(metric) < value {
-            assert!(
-                Instant::now() < deadline,
-                "{metric} stayed at {} (< {value})",
-                self.metric(metric)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let reached = crate::poll_until(timeout, Duration::from_millis(50), || {
+            (self.metric(metric) >= value).then_some(())
+        });
+        assert!(
+            reached.is_some(),
+            "{metric} stayed at {} (< {value})",
+            self.metric(metric)
+        );
     }
 
     /// The value of the sample `name_and_labels` (exactly as Prometheus text writes it), 0 if absent.
