@@ -56,12 +56,25 @@ pub trait TxSink: 'static {
 }
 
 /// Writes `changes` and the source's `progress` on worker 0 through the sink `open` makes there (opened on
-/// the first write, reopened after a failure to open).
+/// the first write, reopened after a failure to open), at every closed timestamp.
 pub fn tx_sink<'s, S: TxSink, E: std::fmt::Display>(
     changes: VecCollection<'s, u64, S::Data, S::Diff>,
     progress: Stream<'s, u64, Vec<Progress>>,
     topic: String,
     env: &Env,
+    open: impl FnMut() -> Result<S, E> + 'static,
+) {
+    tx_sink_every(changes, progress, topic, env, None, open);
+}
+
+/// [`tx_sink`], committing only at timestamps that are multiples of `every` (and once more when the inputs
+/// end): for changes that are themselves produced only at those times, such as checkpoints.
+pub fn tx_sink_every<'s, S: TxSink, E: std::fmt::Display>(
+    changes: VecCollection<'s, u64, S::Data, S::Diff>,
+    progress: Stream<'s, u64, Vec<Progress>>,
+    topic: String,
+    env: &Env,
+    every: Option<u64>,
     mut open: impl FnMut() -> Result<S, E> + 'static,
 ) {
     let (metrics, health) = (env.metrics.clone(), env.health.clone());
@@ -87,7 +100,25 @@ pub fn tx_sink<'s, S: TxSink, E: std::fmt::Display>(
             if !is_writer {
                 return;
             }
-            let bound = frontiers.iter().filter_map(|f| f.frontier().first().copied()).min();
+            let mut bound = frontiers.iter().filter_map(|f| f.frontier().first().copied()).min();
+            if let (Some(every), Some(b)) = (every.filter(|e| *e > 0), bound) {
+                // Close only up to the last multiple of `every` below the frontier.
+                match b.checked_sub(1) {
+                    Some(last) => bound = Some(last - last % every + 1),
+                    None => return,
+                }
+            }
+            // Once the inputs end, everything pending closes at the latest time seen.
+            let latest = bound
+                .is_none()
+                .then(|| {
+                    pending
+                        .iter()
+                        .map(|(_, t, _)| *t)
+                        .chain(pending_progress.iter().map(|(_, t, _)| *t))
+                        .max()
+                })
+                .flatten();
             drain_closed(&mut pending, bound, |d, r| match changed.entry(d.clone()) {
                 std::collections::btree_map::Entry::Occupied(mut o) => o.get_mut().plus_equals(r),
                 std::collections::btree_map::Entry::Vacant(v) => {
@@ -98,7 +129,7 @@ pub fn tx_sink<'s, S: TxSink, E: std::fmt::Display>(
                 let next = offsets.entry(p.partition).or_insert(p.next_offset);
                 *next = (*next).max(p.next_offset);
             });
-            let Some(as_of) = bound.map(|b| b.saturating_sub(1)).or(last_as_of) else {
+            let Some(as_of) = bound.map(|b| b.saturating_sub(1)).or(latest).or(last_as_of) else {
                 return;
             };
             if sink.is_none() {

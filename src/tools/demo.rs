@@ -46,6 +46,10 @@ impl DemoArgs {
             listen: self.listen,
             dead_letter: std::env::temp_dir().join("tally-demo-dead-letter.jsonl"),
             decimal_scale: None,
+            // The demo's broker lives in memory: a checkpoint would outlive the history it points into.
+            state: None,
+            checkpoint_interval: 10_000,
+            duplicate_run_warn: 10_000,
             cluster: Cluster {
                 workers: self.workers,
                 ..defaults()

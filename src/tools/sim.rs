@@ -141,19 +141,57 @@ fn row_json(r: &SimRow) -> String {
 /// A Kafka record: key and value (`None` is a null value, a tombstone).
 pub type Record = (String, Option<String>);
 
+/// Where in the server's log an event is, as Debezium's `source` block reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogAt {
+    /// `source.server_id`.
+    pub server_id: u64,
+    /// `source.gtid` (`0-1-42` on MariaDB), if the server runs with GTIDs.
+    pub gtid: Option<String>,
+    /// The binlog file's number (`mysql-bin.000003` is 3).
+    pub file: u64,
+    /// `source.pos`.
+    pub pos: u64,
+}
+
+impl LogAt {
+    /// Server 1, file 1, no GTID: what the simulator writes by default.
+    pub fn pos(pos: u64) -> Self {
+        LogAt {
+            server_id: 1,
+            gtid: None,
+            file: 1,
+            pos,
+        }
+    }
+}
+
 /// The records Debezium emits for one simulator event at database time `ts_s` and binlog offset
 /// `pos`: a create, or a delete followed by its tombstone.
 pub fn debezium_records(event: &SimEvent, ts_s: i64, pos: u64, schemas: bool) -> Vec<Record> {
+    debezium_records_at(event, ts_s, &LogAt::pos(pos), schemas, true)
+}
+
+/// [`debezium_records`] at a given place in the log, with or without the tombstone after a delete
+/// (`tombstones.on.delete`).
+pub fn debezium_records_at(event: &SimEvent, ts_s: i64, at: &LogAt, schemas: bool, tombstones: bool) -> Vec<Record> {
     let (id, before, after, op) = match event {
         SimEvent::Deploy(r) => (r.id, "null".to_string(), row_json(r), "c"),
         SimEvent::Destroy(r) => (r.id, row_json(r), "null".to_string(), "d"),
         SimEvent::Reprice { before, after } => (after.id, row_json(before), row_json(after), "u"),
     };
     let ts_ms = ts_s * 1000;
+    let gtid = at
+        .gtid
+        .as_ref()
+        .map_or_else(|| "null".to_string(), |g| format!("\"{g}\""));
     let payload = format!(
-        r#"{{"before":{before},"after":{after},"source":{{"version":"2.7.4.Final","connector":"mysql","name":"topic","ts_ms":{ts_ms},"snapshot":"false","db":"cloud","sequence":null,"ts_us":{ts_us},"ts_ns":{ts_ns},"table":"instances","server_id":1,"gtid":null,"file":"mysql-bin.000001","pos":{pos},"row":0,"thread":null,"query":null}},"transaction":null,"op":"{op}","ts_ms":{ts_ms},"ts_us":{ts_us},"ts_ns":{ts_ns}}}"#,
+        r#"{{"before":{before},"after":{after},"source":{{"version":"2.7.4.Final","connector":"mysql","name":"topic","ts_ms":{ts_ms},"snapshot":"false","db":"cloud","sequence":null,"ts_us":{ts_us},"ts_ns":{ts_ns},"table":"instances","server_id":{server_id},"gtid":{gtid},"file":"mysql-bin.{file:06}","pos":{pos},"row":0,"thread":null,"query":null}},"transaction":null,"op":"{op}","ts_ms":{ts_ms},"ts_us":{ts_us},"ts_ns":{ts_ns}}}"#,
         ts_us = ts_ms * 1000,
         ts_ns = ts_ms * 1_000_000,
+        server_id = at.server_id,
+        file = at.file,
+        pos = at.pos,
     );
     let key_payload = format!(r#"{{"id":{id}}}"#);
     let (key, value) = if schemas {
@@ -165,7 +203,7 @@ pub fn debezium_records(event: &SimEvent, ts_s: i64, pos: u64, schemas: bool) ->
         (key_payload, payload)
     };
     let mut out = vec![(key.clone(), Some(value))];
-    if op == "d" {
+    if op == "d" && tombstones {
         out.push((key, None));
     }
     out

@@ -16,7 +16,7 @@ pub use http::{header, http_body, http_get, metric_sum};
 pub use process::{KillOnDrop, Tally};
 pub use produce::{capture_records, produce, produce_to, send_retrying, Rec};
 pub use services::{create_topic, Broker, MariaDb};
-pub use workload::{simulated, Ledger, Workload};
+pub use workload::{simulated, simulated_steps, Ledger, Workload};
 
 /// The repository's root.
 pub fn root() -> PathBuf {

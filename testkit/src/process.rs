@@ -63,6 +63,7 @@ impl Tally {
         let equal = crate::poll_until(timeout, Duration::from_millis(50), || {
             let (status, _, body) = self.get(path);
             if status != 200 {
+                last = format!("{status} {body}");
                 return None;
             }
             if serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| &v == expected) {
@@ -71,7 +72,10 @@ impl Tally {
             last = body;
             None
         });
-        equal.unwrap_or_else(|| panic!("timed out waiting for {path} to equal\n  {expected}\nlast body:\n  {last}"))
+        equal.unwrap_or_else(|| {
+            let (_, _, health) = self.get("/health");
+            panic!("timed out waiting for {path} to equal\n  {expected}\nlast body:\n  {last}\nhealth: {health}")
+        })
     }
 
     /// Waits until `metric` reaches `value` (metrics update per batch, after the view may already show it).

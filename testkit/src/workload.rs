@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tally::tools::sim::{debezium_records, deploy, SimEvent, SimRow, Simulator, ORGS};
+use tally::tools::sim::{debezium_records_at, deploy, LogAt, SimEvent, SimRow, Simulator, ORGS};
 
 use crate::produce::Rec;
 
@@ -128,25 +128,40 @@ impl Ledger {
 /// `steps` simulator steps with database time advancing 1-3 s per step, as Debezium records over
 /// `partitions` partitions (by id), plus what the simulator did billed independently of tally.
 pub fn simulated(steps: usize, partitions: i32, seed: u64) -> (Vec<Rec>, serde_json::Value) {
+    let (per_step, expected) = simulated_steps(steps, partitions, seed, |i| LogAt::pos(1000 + i as u64 * 10), true);
+    (per_step.into_iter().flatten().collect(), expected)
+}
+
+/// [`simulated`], the records grouped per step, each step at the place in the server's log `log(step)`
+/// says, with or without tombstones after deletes.
+pub fn simulated_steps(
+    steps: usize,
+    partitions: i32,
+    seed: u64,
+    mut log: impl FnMut(usize) -> LogAt,
+    tombstones: bool,
+) -> (Vec<Vec<Rec>>, serde_json::Value) {
     let mut sim = Simulator::new(seed);
     let mut ts = 1_700_000_000i64;
     let mut ledger = Ledger::default();
-    let mut records = Vec::new();
+    let mut out = Vec::new();
     for i in 0..steps {
         ts += 1 + (i as i64 % 3);
         let event = sim.step(ts);
         let id = event.row().id;
-        for (key, value) in debezium_records(&event, ts, 1000 + i as u64 * 10, i % 2 == 0) {
-            records.push(Rec {
+        let records = debezium_records_at(&event, ts, &log(i), i % 2 == 0, tombstones)
+            .into_iter()
+            .map(|(key, value)| Rec {
                 partition: (id % partitions as u64) as i32,
                 key: Some(key.into_bytes()),
                 value: value.map(String::into_bytes),
                 headers: vec![],
-            });
-        }
+            })
+            .collect();
+        out.push(records);
         ledger.apply(&event, ts);
     }
-    (records, ledger.to_json())
+    (out, ledger.to_json())
 }
 
 #[cfg(test)]

@@ -4,13 +4,13 @@
 use std::borrow::Cow;
 
 use dataflows::money::{Money, MoneyError};
-use dataflows::usage::{Change, Op, Pos, Row, Upsert};
+use dataflows::usage::{Change, Coord, History, Op, Pos, Row, Upsert};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::DecodeError;
 use crate::sources::debezium::logical::{connect_decimal, timestamp_ms, Logical};
-use crate::sources::debezium::{Envelope, EventOp, RowDecoder, SchemaField};
+use crate::sources::debezium::{Envelope, EventOp, Gtid, RowDecoder, SchemaField};
 use crate::sources::decode::{Decoded, Decoder, Metadata};
 
 /// Decodes `cloud.instances` change events into usage [`Change`]s.
@@ -58,10 +58,21 @@ impl Decoder for UsageDecoder {
             EventOp::Tombstone => Op::Tombstone,
             EventOp::Truncate => Op::Truncate,
         };
-        let pos = event.binlog.map(|b| Pos {
-            file: b.file,
-            pos: b.pos,
-            row: b.row,
+        let pos = event.binlog.map(|b| {
+            let (history, seq) = match b.gtid {
+                Some(Gtid::Maria { domain, seq }) => (History::MariaDomain(domain), seq),
+                Some(Gtid::Mysql { source, seq }) => (History::MysqlSource(source), seq),
+                None => (History::Server(b.server_id), 0),
+            };
+            Pos {
+                history,
+                at: Coord {
+                    seq,
+                    file: b.file,
+                    pos: b.pos,
+                    row: b.row,
+                },
+            }
         });
         Ok(Decoded::Record(Change {
             key: event.key,
@@ -307,8 +318,18 @@ mod tests {
                             path.display()
                         );
                         let pos = change.pos.expect("generated fixtures carry binlog positions");
-                        assert_eq!(pos.pos, p["source"]["pos"].as_u64().unwrap());
-                        assert_eq!(pos.file, 3, "mysql-bin.000003");
+                        assert_eq!(pos.at.pos, p["source"]["pos"].as_u64().unwrap());
+                        assert_eq!(pos.at.file, 3, "mysql-bin.000003");
+                        // MariaDB's connector reports the GTID `0-1-N` on streamed events: domain 0, sequence N.
+                        let expected_history = match p["source"]["gtid"].as_str() {
+                            Some(gtid) => {
+                                let seq: u64 = gtid.rsplit('-').next().unwrap().parse().unwrap();
+                                assert_eq!(pos.at.seq, seq, "{}", path.display());
+                                History::MariaDomain(0)
+                            }
+                            None => History::Server(p["source"]["server_id"].as_u64().unwrap()),
+                        };
+                        assert_eq!(pos.history, expected_history, "{}", path.display());
                         let after = expected_row(&profile, kind, &name, "after");
                         let before = expected_row(&profile, kind, &name, "before");
                         let expected = match p["op"].as_str().unwrap() {

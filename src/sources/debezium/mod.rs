@@ -72,9 +72,14 @@ pub enum EventOp<Row> {
     Truncate,
 }
 
-/// A binlog coordinate (`source.file` number, `source.pos`, `source.row`): ordered as the log is.
+/// A binlog coordinate (`source.file` number, `source.pos`, `source.row`) with the server and GTID it
+/// came from: positions are ordered as the log is, within one server's log or one GTID domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Binlog {
+    /// `source.server_id` (0 for snapshot reads).
+    pub server_id: u64,
+    /// `source.gtid`, when the server runs with GTIDs.
+    pub gtid: Option<Gtid>,
     /// The number of the binlog file (`mariadb-bin.000002` is 2).
     pub file: u64,
     /// The event's position in that file.
@@ -198,6 +203,8 @@ impl<R: RowDecoder> Envelope<R> {
         let incremental = source.snapshot.as_deref() == Some("incremental");
         let binlog = match (&source.file, source.pos) {
             (Some(file), Some(pos)) if !incremental => Some(Binlog {
+                server_id: source.server_id.unwrap_or(0),
+                gtid: source.gtid.as_deref().and_then(Gtid::parse),
                 file: binlog_number(file),
                 pos,
                 row: source.row.unwrap_or(0),
@@ -273,6 +280,52 @@ fn key_payload(key: &[u8]) -> Result<String, DecodeError> {
     }
 }
 
+/// A global transaction id as Debezium reports it in `source.gtid`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Gtid {
+    /// MariaDB: `domain-server-sequence`. Sequence numbers order transactions within a domain across
+    /// servers.
+    Maria {
+        /// The replication domain.
+        domain: u32,
+        /// The sequence number.
+        seq: u64,
+    },
+    /// MySQL: `source_uuid:transaction_id`.
+    Mysql {
+        /// The originating server's UUID, as its 128 bits.
+        source: u128,
+        /// The transaction number.
+        seq: u64,
+    },
+}
+
+impl Gtid {
+    /// Parses `0-1-1038` (MariaDB) or `3e11fa47-71ca-11e1-9e33-c80aa9429562:23` (MySQL); `None` for
+    /// anything else (the event then orders by server and position).
+    pub fn parse(text: &str) -> Option<Gtid> {
+        if let Some((uuid, seq)) = text.split_once(':') {
+            let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+            if hex.len() != 32 {
+                return None;
+            }
+            let source = u128::from_str_radix(&hex, 16).ok()?;
+            // A GTID set's range (`uuid:1-23`) names its last transaction.
+            let seq = seq.rsplit('-').next()?.parse().ok()?;
+            return Some(Gtid::Mysql { source, seq });
+        }
+        let mut parts = text.split('-');
+        let (Some(domain), Some(_server), Some(seq), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        Some(Gtid::Maria {
+            domain: domain.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
 /// `mariadb-bin.000002` -> 2. Binlog file names are numbered in order.
 fn binlog_number(file: &str) -> u64 {
     file.rsplit('.').next().and_then(|n| n.parse().ok()).unwrap_or(0)
@@ -312,6 +365,9 @@ struct Source<'a> {
     file: Option<Cow<'a, str>>,
     pos: Option<u64>,
     row: Option<u32>,
+    server_id: Option<u64>,
+    #[serde(borrow)]
+    gtid: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -357,5 +413,33 @@ impl SchemaField<'_> {
             Some("io.debezium.time.NanoTimestamp") => Logical::NanoTimestamp,
             _ => Logical::Plain,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gtid;
+
+    #[test]
+    fn gtids_of_both_servers_parse_and_anything_else_is_none() {
+        assert_eq!(Gtid::parse("0-1-1038"), Some(Gtid::Maria { domain: 0, seq: 1038 }));
+        assert_eq!(Gtid::parse("7-12-5"), Some(Gtid::Maria { domain: 7, seq: 5 }));
+        assert_eq!(
+            Gtid::parse("3E11FA47-71CA-11E1-9E33-C80AA9429562:23"),
+            Some(Gtid::Mysql {
+                source: 0x3E11FA4771CA11E19E33C80AA9429562,
+                seq: 23
+            })
+        );
+        assert_eq!(
+            Gtid::parse("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-40"),
+            Some(Gtid::Mysql {
+                source: 0x3E11FA4771CA11E19E33C80AA9429562,
+                seq: 40
+            })
+        );
+        for bad in ["", "0-1", "a-b-c", "0-1-2-3", "xyz:4"] {
+            assert_eq!(Gtid::parse(bad), None, "{bad}");
+        }
     }
 }
