@@ -262,6 +262,60 @@ fn a_two_worker_checkpoint_restores_into_one_and_four_workers() {
         );
     }
     assert_eq!(bodies[0], bodies[1], "identical bytes for -w 1 and -w 4");
+    // And into a cluster of two processes (one worker each) sharing the file: process 0 restores it.
+    let copy = dir.join("state-cluster.db");
+    std::fs::copy(&state, &copy).unwrap();
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let hostfile = dir.join("hosts");
+    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
+    let cluster = |process: &str| {
+        vec![
+            "--state".to_owned(),
+            copy.to_str().unwrap().to_owned(),
+            "--processes".to_owned(),
+            "2".to_owned(),
+            "--process".to_owned(),
+            process.to_owned(),
+            "--hostfile".to_owned(),
+            hostfile.to_str().unwrap().to_owned(),
+        ]
+    };
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "usage",
+            "--brokers",
+            &broker.addr,
+            "--topic",
+            "instances",
+            "-w",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--dead-letter", dir.join("dl1.jsonl").to_str().unwrap()])
+        .args(cluster("1"))
+        .env("TALLY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("p1.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _second = common::KillOnDrop(second);
+    let first_args = cluster("0");
+    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
+    let first = spawn(&broker, "instances", "1", &dir, None, &first_args);
+    assert_eq!(
+        first.wait_for_json("/", &expected, WAIT),
+        bodies[0],
+        "identical bytes in a cluster"
+    );
 }
 
 #[test]

@@ -266,12 +266,21 @@ impl ArrivalOrder {
     }
 }
 
-/// What checkpoints save, with the difference each record carries: a key's state, a worker's watermark
-/// and a closed bill count (`+1` saved, `-1` no longer); an organization's totals add `usage`.
+/// What checkpoints save, with the difference each record carries: a worker's watermark and a closed bill
+/// count (`+1` saved, `-1` no longer); a key's state is saved whole (`+1`); an organization's totals add
+/// `usage`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Saved {
-    /// A key and its state.
-    Key(String, KeyState),
+    /// A key's state as of checkpoint number `seq` of the worker holding it (`None`: no longer held). Saved
+    /// whole, not as a difference: the latest `seq` of a key is its state.
+    Key {
+        /// The Kafka key.
+        key: String,
+        /// Which of its worker's checkpoints (they count up; a restored key has 0).
+        seq: u64,
+        /// Its state then.
+        state: Option<KeyState>,
+    },
     /// The watermark one worker keeps for a partition and history.
     Mark {
         /// The partition.
@@ -435,7 +444,7 @@ where
                     let mut session = output.session(&cap);
                     for (record, diff) in data.drain(..) {
                         let route = match &record {
-                            Saved::Key(key, _) => key_hash(key),
+                            Saved::Key { key, .. } => key_hash(key),
                             Saved::Org(org) => key_hash(org),
                             Saved::Bill(_) => continue,
                             Saved::Mark { .. } => {
@@ -479,6 +488,7 @@ where
         let mut unsaved_usage: HashMap<String, Usage> = HashMap::default();
         let mut saved_marks: Vec<Saved> = Vec::new();
         let mut runs: HashMap<i32, u64> = HashMap::default();
+        let mut checkpoints = 0u64;
         move |frontiers| {
             input.for_each(|cap, data| {
                 if let Some(cap) = cap.retain_least(0) {
@@ -492,19 +502,17 @@ where
             let mut out = out.activate();
             let mut saved_out = saved_out.activate();
             let mut save = |cap: &mut Option<Capability<T>>,
+                            seq: &mut u64,
                             state: &mut UpsertState,
                             unsaved: &mut HashMap<String, Usage>,
                             marks: &mut Vec<Saved>| {
                 let Some(cap) = cap.as_ref() else { return };
                 let time = cap.time().clone();
                 let mut session = saved_out.session(cap);
-                for (key, before, now) in state.take_dirty() {
-                    if let Some(before) = before {
-                        session.give((Saved::Key(key.clone(), before), time.clone(), SavedDiff::count(-1)));
-                    }
-                    if let Some(now) = now {
-                        session.give((Saved::Key(key, now), time.clone(), SavedDiff::count(1)));
-                    }
+                *seq += 1;
+                for (key, state) in state.take_dirty() {
+                    let record = Saved::Key { key, seq: *seq, state };
+                    session.give((record, time.clone(), SavedDiff::count(1)));
                 }
                 for bill in state.take_bills() {
                     session.give((Saved::Bill(bill), time.clone(), SavedDiff::count(1)));
@@ -539,6 +547,7 @@ where
                     if time > *ckpt.time() {
                         save(
                             &mut Some(ckpt.clone()),
+                            &mut checkpoints,
                             &mut state,
                             &mut unsaved_usage,
                             &mut saved_marks,
@@ -562,7 +571,13 @@ where
                     for (_, item) in chunks.into_iter().flatten() {
                         match item {
                             In::Change(c) => changes.push(c),
-                            In::Saved(Saved::Key(key, st), _) => state.restore_key(key, st),
+                            In::Saved(
+                                Saved::Key {
+                                    key, state: Some(st), ..
+                                },
+                                _,
+                            ) => state.restore_key(key, st),
+                            In::Saved(Saved::Key { state: None, .. }, _) => {}
                             In::Saved(Saved::Org(org), diff) => {
                                 session.give((Out::Usage(org, diff.usage), time.clone(), 1));
                             }
@@ -637,6 +652,7 @@ where
                     Some(least) if least > ckpt.time() => {
                         save(
                             &mut Some(ckpt.clone()),
+                            &mut checkpoints,
                             &mut state,
                             &mut unsaved_usage,
                             &mut saved_marks,
@@ -645,7 +661,13 @@ where
                     }
                     Some(_) => {}
                     None => {
-                        save(&mut next_checkpoint, &mut state, &mut unsaved_usage, &mut saved_marks);
+                        save(
+                            &mut next_checkpoint,
+                            &mut checkpoints,
+                            &mut state,
+                            &mut unsaved_usage,
+                            &mut saved_marks,
+                        );
                         next_checkpoint = None;
                     }
                 }
@@ -1085,11 +1107,35 @@ mod tests {
         batches
     }
 
+    /// Each key's latest saved state, as the store keeps it.
+    fn final_keys(saved: &BTreeMap<Saved, SavedDiff>) -> BTreeMap<String, KeyState> {
+        let mut keys = BTreeMap::new();
+        // Records sort by key, then seq: the last one per key wins.
+        for record in saved.keys() {
+            if let Saved::Key { key, state, .. } = record {
+                match state {
+                    Some(s) => keys.insert(key.clone(), s.clone()),
+                    None => keys.remove(key),
+                };
+            }
+        }
+        keys
+    }
+
     fn restore_from(saved: &BTreeMap<Saved, SavedDiff>) -> Vec<(Saved, SavedDiff)> {
+        let keys = final_keys(saved).into_iter().map(|(key, state)| {
+            let record = Saved::Key {
+                key,
+                seq: 0,
+                state: Some(state),
+            };
+            (record, SavedDiff::count(1))
+        });
         saved
             .iter()
-            .filter(|(s, _)| !matches!(s, Saved::Bill(_)))
+            .filter(|(s, _)| matches!(s, Saved::Mark { .. } | Saved::Org(_)))
             .map(|(s, d)| (s.clone(), *d))
+            .chain(keys)
             .collect()
     }
 
@@ -1130,7 +1176,7 @@ mod tests {
             .collect();
         let (usage, saved) = run_checkpointed(2, Vec::new(), batches);
         let running: i64 = usage.values().map(|u| u.running).sum();
-        let keys = saved.keys().filter(|s| matches!(s, Saved::Key(..))).count();
+        let keys = final_keys(&saved).len();
         // Every key deleted is forgotten once a later position is applied on its partition and worker; at
         // most the last delete per partition and worker can still be held.
         assert!(

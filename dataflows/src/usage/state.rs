@@ -84,19 +84,31 @@ pub enum KeyState {
     },
 }
 
+/// A key's state, and whether it changed since the last checkpoint.
+struct Slot {
+    state: KeyState,
+    dirty: bool,
+}
+
+impl Slot {
+    fn changed(state: KeyState) -> Self {
+        Slot { state, dirty: true }
+    }
+}
+
 /// Per-worker upsert state: the live rows of the keys this worker owns.
 #[derive(Default)]
 pub struct UpsertState {
-    keys: HashMap<String, KeyState>,
+    keys: HashMap<String, Slot>,
     watermarks: HashMap<(i32, super::redelivery::History), Watermark>,
     /// Deleted keys in the order they were deleted, to expire once their partition moves past them.
     gone: VecDeque<(i32, Pos, String)>,
     /// Closed bills not yet handed to a checkpoint (kept only when `ledger` is on).
     bills: Vec<Bill>,
-    /// Keep bills and dirty keys for checkpoints.
+    /// Keep bills and removed keys for checkpoints.
     tracking: bool,
-    /// For each key changed since the last checkpoint: its state then.
-    dirty: HashMap<String, Option<KeyState>>,
+    /// Keys removed since the last checkpoint (changed keys are marked in their slot).
+    removed: Vec<String>,
 }
 
 impl UpsertState {
@@ -128,7 +140,7 @@ impl UpsertState {
         if let KeyState::Gone { at: Some((p, pos)) } = &state {
             self.gone.push_back((*p, *pos, key.clone()));
         }
-        self.keys.insert(key, state);
+        self.keys.insert(key, Slot { state, dirty: false });
     }
 
     /// Puts back a watermark from a checkpoint.
@@ -136,16 +148,21 @@ impl UpsertState {
         self.watermarks.insert((partition, history), mark);
     }
 
-    /// The keys changed since the last call, each with its state then and now (`None`: absent).
-    pub fn take_dirty(&mut self) -> Vec<(String, Option<KeyState>, Option<KeyState>)> {
+    /// The keys changed since the last call, each with its state now (`None`: no longer held).
+    pub fn take_dirty(&mut self) -> Vec<(String, Option<KeyState>)> {
+        let mut out: Vec<(String, Option<KeyState>)> = Vec::new();
+        for (key, slot) in self.keys.iter_mut().filter(|(_, s)| s.dirty) {
+            slot.dirty = false;
+            out.push((key.clone(), Some(slot.state.clone())));
+        }
         let keys = &self.keys;
-        self.dirty
-            .drain()
-            .filter_map(|(k, before)| {
-                let now = keys.get(&k).cloned();
-                (before != now).then_some((k, before, now))
-            })
-            .collect()
+        out.extend(
+            self.removed
+                .drain(..)
+                .filter(|k| !keys.contains_key(k))
+                .map(|k| (k, None)),
+        );
+        out
     }
 
     /// The bills closed since the last call.
@@ -153,10 +170,13 @@ impl UpsertState {
         std::mem::take(&mut self.bills)
     }
 
-    fn touch(&mut self, key: &str) {
-        if self.tracking && !self.dirty.contains_key(key) {
-            self.dirty.insert(key.to_owned(), self.keys.get(key).cloned());
+    /// Removes a key, remembering it for the next checkpoint.
+    fn remove(&mut self, key: &str) -> Option<KeyState> {
+        let (key, slot) = self.keys.remove_entry(key)?;
+        if self.tracking {
+            self.removed.push(key);
         }
+        Some(slot.state)
     }
 
     /// Is this event a re-delivery of one already applied?
@@ -189,19 +209,17 @@ impl UpsertState {
             if change.op == Op::Truncate {
                 let keys: Vec<String> = self.keys.keys().cloned().collect();
                 for key in keys {
-                    self.touch(&key);
-                    if let Some(KeyState::Live { row, since_ms, periods }) = self.keys.remove(&key) {
+                    if let Some(KeyState::Live { row, since_ms, periods }) = self.remove(&key) {
                         self.close(key, row, since_ms, periods, ts, true, out);
                     }
                 }
             }
             return false;
         };
-        self.touch(&key);
         match change.op {
             // A key's state changes in place: one hash lookup, not a remove and an insert.
             Op::Upsert { kind, row, moved_in } => {
-                match self.keys.get_mut(&key) {
+                match self.keys.get_mut(&key).map(|s| &mut s.state) {
                     Some(KeyState::Live { row: old, .. }) if *old == row => return false,
                     Some(KeyState::Live {
                         row: old,
@@ -216,6 +234,7 @@ impl UpsertState {
                             *since_ms = row.started_ms;
                         }
                         *old = row;
+                        self.keys.get_mut(&key).expect("just matched").dirty = true;
                         return false;
                     }
                     Some(state @ KeyState::Live { .. }) => {
@@ -239,12 +258,15 @@ impl UpsertState {
                     self.gone.push_back((p, pos, key.clone()));
                 }
                 match self.keys.get_mut(&key) {
-                    Some(state) => match std::mem::replace(state, KeyState::Gone { at }) {
-                        KeyState::Live { row, since_ms, periods } => {
-                            self.close(key, row, since_ms, periods, ts, true, out)
+                    Some(slot) => {
+                        slot.dirty = true;
+                        match std::mem::replace(&mut slot.state, KeyState::Gone { at }) {
+                            KeyState::Live { row, since_ms, periods } => {
+                                self.close(key, row, since_ms, periods, ts, true, out)
+                            }
+                            KeyState::Gone { .. } => out.push((Delta::Note(Note::DeleteRepeated), 1)),
                         }
-                        KeyState::Gone { .. } => out.push((Delta::Note(Note::DeleteRepeated), 1)),
-                    },
+                    }
                     None => {
                         if let Some(row) = before {
                             out.push((Delta::Note(Note::DeleteUnseen), 1));
@@ -252,15 +274,15 @@ impl UpsertState {
                             // Billed from its before image; it was never counted as running here.
                             self.close(key.clone(), row, since, Vec::new(), ts, false, out);
                         }
-                        self.keys.insert(key, KeyState::Gone { at });
+                        self.keys.insert(key, Slot::changed(KeyState::Gone { at }));
                     }
                 }
             }
             Op::Tombstone => {
-                if let Some(KeyState::Live { .. }) = self.keys.get(&key) {
+                if let Some(KeyState::Live { .. }) = self.keys.get(&key).map(|s| &s.state) {
                     // A tombstone never removes a live row: it is compaction's marker of an earlier delete.
                 } else {
-                    self.keys.remove(&key);
+                    self.remove(&key);
                 }
             }
             Op::Truncate => {}
@@ -280,10 +302,9 @@ impl UpsertState {
                 break;
             }
             let (p, pos, key) = self.gone.pop_front().expect("front exists");
-            if let Some(KeyState::Gone { at: Some(at) }) = self.keys.get(&key) {
+            if let Some(KeyState::Gone { at: Some(at) }) = self.keys.get(&key).map(|s| &s.state) {
                 if *at == (p, pos) {
-                    self.touch(&key);
-                    self.keys.remove(&key);
+                    self.remove(&key);
                 }
             }
         }
@@ -300,11 +321,11 @@ impl UpsertState {
         out.push((Delta::Running(row.org.clone()), 1));
         self.keys.insert(
             key,
-            KeyState::Live {
+            Slot::changed(KeyState::Live {
                 row,
                 since_ms,
                 periods: Vec::new(),
-            },
+            }),
         );
     }
 

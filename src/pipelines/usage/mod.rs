@@ -114,7 +114,7 @@ impl UsagePipeline {
         let as_of = last.map(|(as_of, _)| as_of);
         let started = std::time::Instant::now();
         let records = store.load().map_err(|e| config(&e))?;
-        let keys = records.iter().filter(|(r, _)| matches!(r, Saved::Key(..))).count();
+        let keys = records.iter().filter(|(r, _)| matches!(r, Saved::Key { .. })).count();
         let orgs = records.iter().filter(|(r, _)| matches!(r, Saved::Org(_))).count();
         tracing::info!(
             state = %path.display(),

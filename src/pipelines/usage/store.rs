@@ -105,7 +105,12 @@ impl StateStore {
         for row in rows {
             let (key, state) = row.map_err(|e| self.err(e))?;
             let state: KeyState = serde_json::from_str(&state).map_err(|e| self.corrupt(format!("key {key}"), e))?;
-            out.push((Saved::Key(key, state), SavedDiff::count(1)));
+            let record = Saved::Key {
+                key,
+                seq: 0,
+                state: Some(state),
+            };
+            out.push((record, SavedDiff::count(1)));
         }
         let mut marks = q("SELECT partition, history, worker, segments FROM usage_marks")?;
         let rows = marks
@@ -178,8 +183,8 @@ impl TxSink for StateStore {
         sqlite::offsets(&self.conn, topic).map_err(|e| self.err(e))
     }
 
-    /// One checkpoint: retractions first (a key's old state, an old watermark), then the new states, the
-    /// organizations' totals, the bills, the offsets and the checkpoint's time.
+    /// One checkpoint: retracted watermarks first, then keys' states (in order per key), new watermarks,
+    /// the organizations' totals, the bills, the offsets and the checkpoint's time.
     fn commit(
         &mut self,
         as_of: u64,
@@ -222,14 +227,19 @@ impl TxSink for StateStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(err)?;
-            // Retractions before insertions: a key changed since the last checkpoint is `-old +new`.
+            // Retractions before insertions: a changed watermark is `-old +new`.
             for retract in [true, false] {
                 for (record, diff) in changes.iter().filter(|(_, d)| (d.count < 0) == retract) {
                     match record {
-                        Saved::Key(key, _) if retract => {
+                        // A key's records sort by seq: applied in order, the latest state stays.
+                        Saved::Key { key, state: None, .. } => {
                             del_key.execute([key]).map_err(err)?;
                         }
-                        Saved::Key(key, state) => {
+                        Saved::Key {
+                            key,
+                            state: Some(state),
+                            ..
+                        } => {
                             put_key.execute(params![key, json(state)]).map_err(err)?;
                         }
                         Saved::Mark {
