@@ -111,6 +111,7 @@ fn main() {
     let mut drain: Vec<Vec<f64>> = vec![Vec::new(); intervals.len()];
     let mut restore = Vec::new();
     let mut size = (0u64, 0i64, 0i64, 0i64);
+    let mut held = 0u64;
     for r in 0..a.repeat {
         let t0 = Instant::now();
         let t = spawn(&broker, &a, &dir, &[]);
@@ -129,6 +130,10 @@ fn main() {
             );
             drain[i].push(caught_up(&t, t0, &expected));
             let checkpoints = t.metric("tally_sink_batches_total{sink=\"usage-state\"}");
+            // Metrics refresh every 500 ms: wait for the gauge to show the drained state.
+            std::thread::sleep(Duration::from_millis(1100));
+            let (_, _, metrics) = t.get("/metrics");
+            held = testkit::metric_sum(&metrics, "tally_dataflow_state_records");
             let (status, stop) = t.terminate();
             assert!(status.success());
             eprintln!("run {r}: --checkpoint-interval {interval}: {checkpoints} checkpoints, SIGTERM took {stop:?}");
@@ -171,12 +176,14 @@ fn main() {
     let restore_s = median(restore.clone());
     println!("| restart from the checkpoint | {restore_s:.2} s | {restore:.2?} |");
     println!(
-        "checkpoint: {:.1} MB on disk, {} keys for {} running rows, {} watermarks, {} bills in the ledger",
+        "checkpoint: {:.1} MB on disk, {} keys for {} running rows, {} watermarks, {} bills in the ledger; \
+         {held} keys held in the dataflow after the drain (tombstones {})",
         size.0 as f64 / 1e6,
         size.1,
         a.running,
         size.3,
-        size.2
+        size.2,
+        if a.tombstones { "on" } else { "off" }
     );
     if let Some(out) = &a.out {
         let json = serde_json::json!({
@@ -185,6 +192,7 @@ fn main() {
             "rebuild_s": rebuild, "restore_s": restore,
             "drain_s": intervals.iter().zip(&drain).map(|(i, d)| (i.to_string(), serde_json::json!(d))).collect::<serde_json::Map<_, _>>(),
             "state_bytes": size.0, "state_keys": size.1, "bills": size.2, "watermarks": size.3,
+            "keys_held_after_drain": held,
         });
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir).expect("results dir");
