@@ -41,11 +41,15 @@ pub trait TxSink: Send + 'static {
     /// A short name for metrics, logs and `/health` (`sqlite`, `postgres`).
     const NAME: &'static str;
 
+    /// Whether `commit` needs its changes consolidated (sorted, one per record, none zero). A sink whose
+    /// records are already distinct, or that orders them itself, saves the writer a sort.
+    const CONSOLIDATE: bool = true;
+
     /// The offsets stored for `topic`, to resume from.
     fn offsets(&mut self, topic: &str) -> Result<Offsets, Self::Error>;
 
-    /// One transaction: `changes` (consolidated, none zero) and the `offsets` of `topic` read up to the
-    /// closed timestamp `as_of`. Returns the rows written.
+    /// One transaction: `changes` (consolidated, none zero, unless `CONSOLIDATE` is off) and the
+    /// `offsets` of `topic` read up to the closed timestamp `as_of`. Returns the rows written.
     fn commit(
         &mut self,
         as_of: u64,
@@ -298,7 +302,9 @@ fn write_jobs<S: TxSink, E: std::fmt::Display>(
             }
         }
         if let Some(s) = sink.as_mut() {
-            differential_dataflow::consolidation::consolidate(changes);
+            if S::CONSOLIDATE {
+                differential_dataflow::consolidation::consolidate(changes);
+            }
             match s.commit(*as_of, &topic, changes, offsets) {
                 Ok(rows) => {
                     metrics.sink_batches.with_label_values(&[S::NAME]).inc();

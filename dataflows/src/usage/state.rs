@@ -101,8 +101,9 @@ impl Slot {
 pub struct UpsertState {
     keys: HashMap<String, Slot>,
     watermarks: HashMap<(i32, super::redelivery::History), Watermark>,
-    /// Deleted keys in the order they were deleted, to expire once their partition moves past them.
-    gone: VecDeque<(i32, Pos, String)>,
+    /// Per partition and history, deleted keys in the order they were deleted, to expire once the
+    /// partition moves past them (one queue each: a partition gone quiet must not hold up the others).
+    gone: HashMap<(i32, super::redelivery::History), VecDeque<(Pos, String)>>,
     /// Closed bills not yet handed to a checkpoint (kept only when `ledger` is on).
     bills: Vec<Bill>,
     /// Keep bills and removed keys for checkpoints.
@@ -138,7 +139,7 @@ impl UpsertState {
     /// Puts back a key's state from a checkpoint.
     pub fn restore_key(&mut self, key: String, state: KeyState) {
         if let KeyState::Gone { at: Some((p, pos)) } = &state {
-            self.gone.push_back((*p, *pos, key.clone()));
+            self.gone.entry((*p, pos.history)).or_default().push_back((*pos, key.clone()));
         }
         self.keys.insert(key, Slot { state, dirty: false });
     }
@@ -255,7 +256,7 @@ impl UpsertState {
             Op::Delete { before, moved_out: _ } => {
                 let at = change.pos.map(|p| (change.partition, p));
                 if let Some((p, pos)) = at {
-                    self.gone.push_back((p, pos, key.clone()));
+                    self.gone.entry((p, pos.history)).or_default().push_back((pos, key.clone()));
                 }
                 match self.keys.get_mut(&key) {
                     Some(slot) => {
@@ -293,15 +294,19 @@ impl UpsertState {
     /// Forgets deleted keys whose partition has moved past their delete: a re-delivered delete is then a
     /// duplicate by the watermark alone, so state follows the running set with or without tombstones.
     pub fn expire(&mut self) {
-        while let Some((p, pos, _)) = self.gone.front() {
-            let passed = self
-                .watermarks
-                .get(&(*p, pos.history))
-                .is_some_and(|w| w.passed(pos.at));
-            if !passed {
-                break;
+        let mut expired = Vec::new();
+        for (partition_history, queue) in self.gone.iter_mut() {
+            let Some(mark) = self.watermarks.get(partition_history) else {
+                continue;
+            };
+            while queue.front().is_some_and(|(pos, _)| mark.passed(pos.at)) {
+                let (pos, key) = queue.pop_front().expect("front exists");
+                expired.push((partition_history.0, pos, key));
             }
-            let (p, pos, key) = self.gone.pop_front().expect("front exists");
+        }
+        self.gone.retain(|_, q| !q.is_empty());
+        for (p, pos, key) in expired {
+            // Only if it is still that delete's marker (the key may have come back since).
             if let Some(KeyState::Gone { at: Some(at) }) = self.keys.get(&key).map(|s| &s.state) {
                 if *at == (p, pos) {
                     self.remove(&key);

@@ -10,7 +10,8 @@
 //! - `usage_marks(partition, history, worker, segments)`: the re-delivery watermarks (JSON).
 //! - `usage_orgs(org PRIMARY KEY, started, running, billing)`: the totals `GET /` serves.
 //! - `usage_bills(id, org, instance, key, started_ms, ended_ms, amount, periods, as_of)`: every closed bill
-//!   once, its price periods as JSON; `GET /bills` reads it.
+//!   once, its price periods as JSON; `GET /bills` reads it. `id` is the rowid (no AUTOINCREMENT: its
+//!   bookkeeping table costs a write per bill), rising in the order bills were written.
 //! - `usage_checkpoint(id = 1, as_of, at_ms, topic)`: when the last checkpoint was written, and of which topic.
 
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ CREATE TABLE IF NOT EXISTS usage_marks (partition INTEGER NOT NULL, history TEXT
     segments TEXT NOT NULL, PRIMARY KEY (partition, history, worker));
 CREATE TABLE IF NOT EXISTS usage_orgs (org TEXT PRIMARY KEY, started INTEGER NOT NULL, running INTEGER NOT NULL,
     billing TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS usage_bills (id INTEGER PRIMARY KEY AUTOINCREMENT, org TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS usage_bills (id INTEGER PRIMARY KEY, org TEXT NOT NULL,
     instance TEXT NOT NULL, key TEXT NOT NULL, started_ms INTEGER NOT NULL, ended_ms INTEGER NOT NULL,
     amount TEXT NOT NULL, periods TEXT NOT NULL, as_of INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS usage_bills_by_org ON usage_bills (org, ended_ms);
@@ -178,6 +179,9 @@ impl TxSink for StateStore {
     type Diff = SavedDiff;
     type Error = StoreError;
     const NAME: &'static str = "usage-state";
+    // Bills are distinct and most of a checkpoint: sorting them all cost the drain more than writing them.
+    // Only keys need an order (by seq, below); watermarks and totals apply correctly in any order.
+    const CONSOLIDATE: bool = false;
 
     fn offsets(&mut self, topic: &str) -> Result<Offsets, StoreError> {
         sqlite::offsets(&self.conn, topic).map_err(|e| self.err(e))
@@ -227,9 +231,15 @@ impl TxSink for StateStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(err)?;
+            // A key's records in seq order, so its latest state is written last.
+            let mut keys: Vec<&(Saved, SavedDiff)> =
+                changes.iter().filter(|(r, _)| matches!(r, Saved::Key { .. })).collect();
+            keys.sort_by(|a, b| a.0.cmp(&b.0));
+            let rest = changes.iter().filter(|(r, _)| !matches!(r, Saved::Key { .. }));
             // Retractions before insertions: a changed watermark is `-old +new`.
             for retract in [true, false] {
-                for (record, diff) in changes.iter().filter(|(_, d)| (d.count < 0) == retract) {
+                let records = rest.clone().chain(if retract { Vec::new() } else { keys.clone() });
+                for (record, diff) in records.filter(|(_, d)| (d.count < 0) == retract) {
                     match record {
                         // A key's records sort by seq: applied in order, the latest state stays.
                         Saved::Key { key, state: None, .. } => {
