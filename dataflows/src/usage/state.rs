@@ -139,7 +139,10 @@ impl UpsertState {
     /// Puts back a key's state from a checkpoint.
     pub fn restore_key(&mut self, key: String, state: KeyState) {
         if let KeyState::Gone { at: Some((p, pos)) } = &state {
-            self.gone.entry((*p, pos.history)).or_default().push_back((*pos, key.clone()));
+            self.gone
+                .entry((*p, pos.history))
+                .or_default()
+                .push_back((*pos, key.clone()));
         }
         self.keys.insert(key, Slot { state, dirty: false });
     }
@@ -256,7 +259,10 @@ impl UpsertState {
             Op::Delete { before, moved_out: _ } => {
                 let at = change.pos.map(|p| (change.partition, p));
                 if let Some((p, pos)) = at {
-                    self.gone.entry((p, pos.history)).or_default().push_back((pos, key.clone()));
+                    self.gone
+                        .entry((p, pos.history))
+                        .or_default()
+                        .push_back((pos, key.clone()));
                 }
                 match self.keys.get_mut(&key) {
                     Some(slot) => {
