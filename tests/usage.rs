@@ -280,17 +280,7 @@ fn two_process_cluster(
     broker.create_topic(TOPIC, 4);
     let (records, expected) = simulated(1000, 4, 7);
     produce(broker, TOPIC, &records);
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    let hostfile = dir.join("hosts");
-    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
+    let hostfile = common::cluster_hostfile(dir, 2);
     let dl = dir.join("dl.jsonl");
     let (dl, hf) = (dl.to_str().unwrap(), hostfile.to_str().unwrap());
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))

@@ -265,17 +265,7 @@ fn a_two_worker_checkpoint_restores_into_one_and_four_workers() {
     // And into a cluster of two processes (one worker each) sharing the file: process 0 restores it.
     let copy = dir.join("state-cluster.db");
     std::fs::copy(&state, &copy).unwrap();
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    let hostfile = dir.join("hosts");
-    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
+    let hostfile = common::cluster_hostfile(&dir, 2);
     let cluster = |process: &str| {
         vec![
             "--state".to_owned(),

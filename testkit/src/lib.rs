@@ -38,6 +38,23 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A timely hostfile in `dir` for a cluster of `processes` on loopback, each at a port the system just
+/// handed out (then freed: timely binds them itself, so another process could take one in between).
+pub fn cluster_hostfile(dir: &std::path::Path, processes: usize) -> PathBuf {
+    let hosts: String = (0..processes)
+        .map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            format!("127.0.0.1:{port}\n")
+        })
+        .collect();
+    let path = dir.join("hosts");
+    std::fs::write(&path, hosts).expect("write the hostfile");
+    path
+}
+
 /// Calls `check` every `every` until it gives a value, or gives up once `limit` has passed.
 pub fn poll_until<T>(limit: Duration, every: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
