@@ -3,7 +3,7 @@
 //! running set. One history is produced once; each repetition runs, interleaved: a rebuild without state,
 //! a drain with `--state` at each checkpoint interval (fresh file), and a restart from that file.
 //!
-//! `cargo bench --bench usage_state -- --events 1000000 --intervals 10s,1s`
+//! `cargo bench --bench usage_state -- --events 1000000 --intervals 10s,10s/no-ledger,1s`
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ struct Args {
     partitions: i32,
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Checkpoint intervals to measure the drain with.
+    /// Checkpoint intervals to measure the drain with; `10s/no-ledger` runs with `--bill-ledger false`.
     #[arg(long, default_value = "10s,1s")]
     intervals: String,
     #[arg(long, default_value_t = 3)]
@@ -48,6 +48,25 @@ struct Args {
 }
 
 const TOPIC: &str = "topic.cloud.instances";
+
+#[path = "support/cpu_ticks.rs"]
+mod cpu_ticks;
+
+/// CPU seconds per thread name of process `pid` (threads of one name summed), most first.
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let mut per_name: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        *per_name.entry(name.trim().to_owned()).or_default() += cpu_ticks::cpu_ticks(&format!("{pid}/task/{tid}"));
+    }
+    let mut out: Vec<(String, f64)> = per_name.into_iter().map(|(n, t)| (n, t as f64 / 100.0)).collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
 
 fn produce(a: &Args, broker: &Broker) -> (usize, serde_json::Value) {
     broker.create_topic(TOPIC, a.partitions);
@@ -116,6 +135,10 @@ fn main() {
         let t0 = Instant::now();
         let t = spawn(&broker, &a, &dir, &[]);
         rebuild.push(caught_up(&t, t0, &expected));
+        eprintln!(
+            "run {r}: rebuild: CPU seconds by thread at caught-up: {:.2?}",
+            thread_cpu(t.child.id())
+        );
         t.kill();
         for (i, interval) in intervals.iter().enumerate() {
             let state = dir.join(format!("state-{r}-{i}.db"));
@@ -126,10 +149,23 @@ fn main() {
                 &broker,
                 &a,
                 &dir,
-                &["--state", &state_arg, "--checkpoint-interval", interval],
+                &[
+                    "--state",
+                    &state_arg,
+                    "--checkpoint-interval",
+                    interval.trim_end_matches("/no-ledger"),
+                    "--bill-ledger",
+                    if interval.ends_with("/no-ledger") {
+                        "false"
+                    } else {
+                        "true"
+                    },
+                ],
             );
             drain[i].push(caught_up(&t, t0, &expected));
             let checkpoints = t.metric("tally_sink_batches_total{sink=\"usage-state\"}");
+            let threads = thread_cpu(t.child.id());
+            eprintln!("run {r}: --checkpoint-interval {interval}: CPU seconds by thread at caught-up: {threads:.2?}");
             // Metrics refresh every 500 ms: wait for the gauge to show the drained state.
             std::thread::sleep(Duration::from_millis(1100));
             let (_, _, metrics) = t.get("/metrics");

@@ -453,4 +453,17 @@ fn bills_answer_per_organization_with_their_price_periods() {
     assert!(!other.status.success());
     let stderr = String::from_utf8_lossy(&other.stderr);
     assert!(stderr.contains("holds a checkpoint of topic \"instances\""), "{stderr}");
+    // Without the ledger the checkpoint keeps the state alone: the same view, and /bills says it is off.
+    let tally = spawn(
+        &broker,
+        "instances",
+        "1",
+        &dir,
+        Some(&state),
+        &["--bill-ledger", "false"],
+    );
+    tally.wait_for_json("/", &expected, WAIT);
+    let (status, _, body) = tally.get("/bills?org=x");
+    assert_eq!(status, 404);
+    assert!(body.contains("--bill-ledger false"), "{body}");
 }

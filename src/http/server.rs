@@ -127,9 +127,12 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("tally-http".into())
         .spawn(move || {
+            // Readers yield the cores to the dataflow's workers.
+            crate::runtime::process::yield_to_workers(HTTP_NICE);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_name("tally-http-io")
+                .on_thread_start(|| crate::runtime::process::yield_to_workers(HTTP_NICE))
                 .enable_all()
                 .build()
                 .expect("starting the HTTP runtime");
@@ -139,6 +142,9 @@ pub fn spawn(
         })
         .expect("spawning a thread at startup")
 }
+
+/// The niceness of HTTP threads.
+const HTTP_NICE: i32 = 10;
 
 /// Is this accept error the process (or system) running out of descriptors or memory?
 fn is_resource_exhaustion(e: &std::io::Error) -> bool {

@@ -72,3 +72,13 @@ pub fn explain_lost_peers() {
         default(info);
     }));
 }
+
+/// Lowers the calling thread's scheduling priority to `nice` (on Linux, niceness is per thread). For
+/// background threads (HTTP readers, sink writers) that should yield the cores to the dataflow's workers;
+/// a failure is logged and changes nothing else.
+pub fn yield_to_workers(nice: i32) {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+        tracing::warn!(nice, error = %e, "cannot lower this thread's priority");
+    }
+}

@@ -87,6 +87,9 @@ enum Job<D, R> {
     Closed(u64),
 }
 
+/// The niceness of sink writer threads.
+const WRITER_NICE: i32 = 10;
+
 /// Jobs waiting for the writer at most; past that the operator keeps accumulating (the next job carries
 /// more), so a slow store never blocks a worker.
 const QUEUED_JOBS: usize = 2;
@@ -117,7 +120,12 @@ pub fn tx_sink_every<'s, S: TxSink, E: std::fmt::Display>(
             let (tx, rx) = std::sync::mpsc::sync_channel::<Job<S::Data, S::Diff>>(QUEUED_JOBS);
             let thread = std::thread::Builder::new()
                 .name(format!("tally-sink-{}", S::NAME))
-                .spawn(move || write_jobs(rx, open, topic, metrics, health))
+                .spawn(move || {
+                    // Storing yields the cores to the workers: the dataflow and its views come first, and
+                    // the writer catches up when they idle (jobs accumulate meanwhile, nothing is lost).
+                    crate::runtime::process::yield_to_workers(WRITER_NICE);
+                    write_jobs(rx, open, topic, metrics, health)
+                })
                 .expect("spawning the sink's writer thread");
             (Some(tx), Some(thread))
         });

@@ -49,6 +49,7 @@ impl DemoArgs {
             // The demo's broker lives in memory: a checkpoint would outlive the history it points into.
             state: None,
             checkpoint_interval: 10_000,
+            bill_ledger: true,
             duplicate_run_warn: 10_000,
             cluster: Cluster {
                 workers: self.workers,

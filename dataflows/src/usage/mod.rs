@@ -362,6 +362,8 @@ pub struct Options<'s, T: Timestamp> {
     pub checkpoint_at: Option<CheckpointAt<T>>,
     /// A run of this many re-deliveries in a row on one partition is reported in `duplicate_runs`.
     pub duplicate_run: u64,
+    /// With checkpoints, also save every closed bill (for a ledger).
+    pub ledger: bool,
 }
 
 impl<T: Timestamp> Default for Options<'_, T> {
@@ -370,6 +372,7 @@ impl<T: Timestamp> Default for Options<'_, T> {
             restore: None,
             checkpoint_at: None,
             duplicate_run: 10_000,
+            ledger: true,
         }
     }
 }
@@ -462,6 +465,7 @@ where
     );
     let checkpoint_at = options.checkpoint_at;
     let duplicate_run = options.duplicate_run.max(1);
+    let ledger = options.ledger;
     let mut builder = OperatorBuilder::new("UsageUpsert".to_owned(), scope);
     // Outputs first: an input is connected to the outputs that exist when it is added.
     let (out, out_stream) = builder.new_output::<Vec<(Out, T, isize)>>();
@@ -475,7 +479,7 @@ where
         let mut next_checkpoint = capabilities.pop().filter(|_| checkpoint_at.is_some());
         drop(capabilities);
         let mut state = if checkpoint_at.is_some() {
-            UpsertState::tracking()
+            UpsertState::tracking(ledger)
         } else {
             UpsertState::default()
         };
@@ -1039,6 +1043,7 @@ mod tests {
                     restore: Some(restore),
                     checkpoint_at: Some(Rc::new(|t: &u64| t.div_ceil(10) * 10)),
                     duplicate_run: 10_000,
+                    ledger: true,
                 };
                 let views = usage_with(stream, options);
                 views.usage.inspect(move |(org, _t, d)| {

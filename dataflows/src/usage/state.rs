@@ -104,19 +104,23 @@ pub struct UpsertState {
     /// Per partition and history, deleted keys in the order they were deleted, to expire once the
     /// partition moves past them (one queue each: a partition gone quiet must not hold up the others).
     gone: HashMap<(i32, super::redelivery::History), VecDeque<(Pos, String)>>,
-    /// Closed bills not yet handed to a checkpoint (kept only when `ledger` is on).
+    /// Closed bills not yet handed to a checkpoint (kept only with `ledger`).
     bills: Vec<Bill>,
-    /// Keep bills and removed keys for checkpoints.
+    /// Keep removed keys for checkpoints.
     tracking: bool,
+    /// Keep closed bills for a ledger.
+    ledger: bool,
     /// Keys removed since the last checkpoint (changed keys are marked in their slot).
     removed: Vec<String>,
 }
 
 impl UpsertState {
-    /// A state that also keeps what checkpoints save: closed bills and the keys changed since the last one.
-    pub fn tracking() -> Self {
+    /// A state that also keeps what checkpoints save: the keys changed since the last one and, with
+    /// `ledger`, the closed bills.
+    pub fn tracking(ledger: bool) -> Self {
         UpsertState {
             tracking: true,
+            ledger,
             ..UpsertState::default()
         }
     }
@@ -358,7 +362,7 @@ impl UpsertState {
         if running {
             out.push((Delta::Running(row.org.clone()), -1));
         }
-        if self.tracking {
+        if self.ledger {
             self.bills.push(Bill {
                 org: row.org,
                 instance: row.instance,

@@ -48,6 +48,10 @@ pub struct UsageArgs {
     /// bill), and serves every closed bill at GET /bills. Without it, state is rebuilt from the topic.
     #[arg(long, env = "TALLY_STATE")]
     pub state: Option<PathBuf>,
+    /// With --state, write every closed bill with its price periods to the ledger (GET /bills). Most of
+    /// what a checkpoint writes: `false` keeps the checkpoint to the state alone.
+    #[arg(long, env = "TALLY_BILL_LEDGER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub bill_ledger: bool,
     /// How often the state is checkpointed with --state (also at SIGTERM): `10s`, `500ms`, `1m`.
     #[arg(long, env = "TALLY_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_interval_ms)]
     pub checkpoint_interval: u64,
@@ -151,10 +155,16 @@ impl Pipeline for UsagePipeline {
         ));
         let routes = Routes::new().view("/", self.view.clone());
         let routes = match self.args.state.clone() {
-            Some(path) => {
+            Some(path) if self.args.bill_ledger => {
                 self.load_state(&path)?;
                 let ledger = bills::Bills { path };
                 routes.at("/bills", move |r: &crate::http::Request<'_>| ledger.respond(r))
+            }
+            Some(path) => {
+                self.load_state(&path)?;
+                routes.at("/bills", |_: &crate::http::Request<'_>| {
+                    crate::http::Reply::error(404, "the bill ledger is off (--bill-ledger false)")
+                })
             }
             None => routes.at("/bills", |_: &crate::http::Request<'_>| {
                 crate::http::Reply::error(404, "the bill ledger needs --state FILE")
@@ -184,6 +194,7 @@ impl Pipeline for UsagePipeline {
                     .as_ref()
                     .map(|_| Rc::new(move |t: &u64| t.div_ceil(every) * every) as CheckpointAt<u64>),
                 duplicate_run: self.args.duplicate_run_warn,
+                ledger: self.args.bill_ledger,
             };
             let views = dataflows::usage::usage_with(source.data, options);
             views.notes.inspect(move |(note, _t, diff)| {
