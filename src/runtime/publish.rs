@@ -29,18 +29,18 @@ pub fn json_object<S: AsRef<str>>(members: impl Iterator<Item = S> + Clone) -> S
     out
 }
 
-/// Applies, in arrival order, the pending updates whose timestamp the frontier has passed (`bound`: the
+/// Hands over, in arrival order, the pending updates whose timestamp the frontier has passed (`bound`: the
 /// frontier's least time; `None` once the input is complete) and keeps the rest. Returns how many it applied.
-pub fn drain_closed<D, R>(pending: &mut Vec<(D, u64, R)>, bound: Option<u64>, mut apply: impl FnMut(&D, &R)) -> u64 {
+pub fn drain_closed<D, R>(pending: &mut Vec<(D, u64, R)>, bound: Option<u64>, mut apply: impl FnMut(D, R)) -> u64 {
     let mut applied = 0;
-    pending.retain(|(d, t, r)| {
-        if bound.is_some_and(|b| *t >= b) {
-            return true;
+    for (d, t, r) in std::mem::take(pending) {
+        if bound.is_some_and(|b| t >= b) {
+            pending.push((d, t, r));
+        } else {
+            apply(d, r);
+            applied += 1;
         }
-        apply(d, r);
-        applied += 1;
-        false
-    });
+    }
     applied
 }
 
@@ -74,9 +74,9 @@ pub fn publish<'s, K, R>(
                 return;
             }
             let bound = frontier.frontier().first().copied();
-            let changed = drain_closed(&mut pending, bound, |k, r| match state.entry(k.clone()) {
+            let changed = drain_closed(&mut pending, bound, |k, r| match state.entry(k) {
                 std::collections::btree_map::Entry::Occupied(mut o) => {
-                    o.get_mut().0.plus_equals(r);
+                    o.get_mut().0.plus_equals(&r);
                     if o.get().0.is_zero() {
                         o.remove();
                     } else {
@@ -85,7 +85,7 @@ pub fn publish<'s, K, R>(
                 }
                 std::collections::btree_map::Entry::Vacant(v) => {
                     if !r.is_zero() {
-                        v.insert((r.clone(), String::new()));
+                        v.insert((r, String::new()));
                     }
                 }
             });

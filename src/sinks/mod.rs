@@ -131,7 +131,6 @@ pub fn tx_sink_every<'s, S: TxSink, E: std::fmt::Display>(
         });
         let mut pending: Vec<(S::Data, u64, S::Diff)> = Vec::new();
         let mut pending_progress: Vec<(Progress, u64, ())> = Vec::new();
-        let mut open_updates: Vec<(S::Data, u64, S::Diff)> = Vec::new();
         let mut closed: Vec<(S::Data, S::Diff)> = Vec::new();
         let mut offsets = Offsets::new();
         let mut last_as_of = None;
@@ -164,14 +163,7 @@ pub fn tx_sink_every<'s, S: TxSink, E: std::fmt::Display>(
                 })
                 .flatten();
             // Closed updates move out as they are (the writer consolidates them), open ones stay.
-            for (d, t, r) in pending.drain(..) {
-                if bound.is_some_and(|b| t >= b) {
-                    open_updates.push((d, t, r));
-                } else {
-                    closed.push((d, r));
-                }
-            }
-            std::mem::swap(&mut pending, &mut open_updates);
+            drain_closed(&mut pending, bound, |d, r| closed.push((d, r)));
             drain_closed(&mut pending_progress, bound, |p, ()| {
                 let next = offsets.entry(p.partition).or_insert(p.next_offset);
                 *next = (*next).max(p.next_offset);
