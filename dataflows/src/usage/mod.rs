@@ -505,12 +505,11 @@ where
             let frontier = &frontiers[0];
             let mut out = out.activate();
             let mut saved_out = saved_out.activate();
-            let mut save = |cap: &mut Option<Capability<T>>,
+            let mut save = |cap: &Capability<T>,
                             seq: &mut u64,
                             state: &mut UpsertState,
                             unsaved: &mut HashMap<String, Usage>,
                             marks: &mut Vec<Saved>| {
-                let Some(cap) = cap.as_ref() else { return };
                 let time = cap.time().clone();
                 let mut session = saved_out.session(cap);
                 *seq += 1;
@@ -549,13 +548,7 @@ where
                 // State of every time up to a checkpoint time is saved before a later time changes it.
                 if let (Some(at), Some(ckpt)) = (checkpoint_at.as_ref(), next_checkpoint.as_mut()) {
                     if time > *ckpt.time() {
-                        save(
-                            &mut Some(ckpt.clone()),
-                            &mut checkpoints,
-                            &mut state,
-                            &mut unsaved_usage,
-                            &mut saved_marks,
-                        );
+                        save(ckpt, &mut checkpoints, &mut state, &mut unsaved_usage, &mut saved_marks);
                         ckpt.downgrade(&at(&time));
                     }
                 }
@@ -654,25 +647,19 @@ where
             if let (Some(at), Some(ckpt)) = (checkpoint_at.as_ref(), next_checkpoint.as_mut()) {
                 match frontier.frontier().first() {
                     Some(least) if least > ckpt.time() => {
-                        save(
-                            &mut Some(ckpt.clone()),
-                            &mut checkpoints,
-                            &mut state,
-                            &mut unsaved_usage,
-                            &mut saved_marks,
-                        );
+                        save(ckpt, &mut checkpoints, &mut state, &mut unsaved_usage, &mut saved_marks);
                         ckpt.downgrade(&at(least));
                     }
                     Some(_) => {}
                     None => {
+                        let last = next_checkpoint.take().expect("matched above");
                         save(
-                            &mut next_checkpoint,
+                            &last,
                             &mut checkpoints,
                             &mut state,
                             &mut unsaved_usage,
                             &mut saved_marks,
                         );
-                        next_checkpoint = None;
                     }
                 }
             }

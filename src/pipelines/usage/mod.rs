@@ -154,21 +154,17 @@ impl Pipeline for UsagePipeline {
             &["kind"],
         ));
         let routes = Routes::new().view("/", self.view.clone());
+        if let Some(path) = self.args.state.clone() {
+            self.load_state(&path)?;
+        }
+        let off = |why: &'static str| move |_: &crate::http::Request<'_>| crate::http::Reply::error(404, why);
         let routes = match self.args.state.clone() {
             Some(path) if self.args.bill_ledger => {
-                self.load_state(&path)?;
                 let ledger = bills::Bills { path };
                 routes.at("/bills", move |r: &crate::http::Request<'_>| ledger.respond(r))
             }
-            Some(path) => {
-                self.load_state(&path)?;
-                routes.at("/bills", |_: &crate::http::Request<'_>| {
-                    crate::http::Reply::error(404, "the bill ledger is off (--bill-ledger false)")
-                })
-            }
-            None => routes.at("/bills", |_: &crate::http::Request<'_>| {
-                crate::http::Reply::error(404, "the bill ledger needs --state FILE")
-            }),
+            Some(_) => routes.at("/bills", off("the bill ledger is off (--bill-ledger false)")),
+            None => routes.at("/bills", off("the bill ledger needs --state FILE")),
         };
         Ok(routes.ui(Ui {
             title: "usage per organization".into(),

@@ -150,17 +150,25 @@ impl StateStore {
             .map_err(|e| self.err(e))?;
         for row in rows {
             let (org, started, running, billing) = row.map_err(|e| self.err(e))?;
-            let billing =
-                Money::parse(&billing).map_err(|e| self.corrupt(format!("organization {org}"), format!("{e:?}")))?;
-            let usage = Usage {
-                started,
-                running,
-                billing,
-            };
+            let usage = org_usage(&self.path, &org, started, running, &billing)?;
             out.push((Saved::Org(org), SavedDiff { count: 0, usage }));
         }
         Ok(out)
     }
+}
+
+/// An organization's stored totals (billing is exact decimal text).
+fn org_usage(path: &Path, org: &str, started: i64, running: i64, billing: &str) -> Result<Usage, StoreError> {
+    let billing = Money::parse(billing).map_err(|e| StoreError::Corrupt {
+        path: path.display().to_string(),
+        what: format!("organization {org}"),
+        error: format!("{e:?}"),
+    })?;
+    Ok(Usage {
+        started,
+        running,
+        billing,
+    })
 }
 
 fn sqlite_err(path: &Path, source: rusqlite::Error) -> StoreError {
@@ -231,85 +239,77 @@ impl TxSink for StateStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(err)?;
-            // A key's records in seq order, so its latest state is written last.
-            let mut keys: Vec<&(Saved, SavedDiff)> =
-                changes.iter().filter(|(r, _)| matches!(r, Saved::Key { .. })).collect();
+            // Keys, then everything else. A key's records in seq order, so its latest state is written last.
+            let (mut keys, rest): (Vec<_>, Vec<_>) = changes.iter().partition(|(r, _)| matches!(r, Saved::Key { .. }));
             keys.sort_by(|a, b| a.0.cmp(&b.0));
-            let rest = changes.iter().filter(|(r, _)| !matches!(r, Saved::Key { .. }));
-            // Retractions before insertions: a changed watermark is `-old +new`.
-            for retract in [true, false] {
-                let records = rest.clone().chain(if retract { Vec::new() } else { keys.clone() });
-                for (record, diff) in records.filter(|(_, d)| (d.count < 0) == retract) {
-                    match record {
-                        // A key's records sort by seq: applied in order, the latest state stays.
-                        Saved::Key { key, state: None, .. } => {
-                            del_key.execute([key]).map_err(err)?;
-                        }
-                        Saved::Key {
-                            key,
-                            state: Some(state),
-                            ..
-                        } => {
-                            put_key.execute(params![key, json(state)]).map_err(err)?;
-                        }
-                        Saved::Mark {
-                            partition,
-                            history,
-                            worker,
-                            segments,
-                        } => {
-                            if retract {
-                                del_mark
-                                    .execute(params![partition, json(history), worker])
-                                    .map_err(err)?;
-                            } else {
-                                put_mark
-                                    .execute(params![partition, json(history), worker, json(segments)])
-                                    .map_err(err)?;
-                            }
-                        }
-                        Saved::Org(org) => {
-                            let stored: Option<(i64, i64, String)> = get_org
-                                .query_row([org], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                                .optional()
+            // Watermarks are the only records retracted (a changed one is `-old +new`): retractions first.
+            for (record, _) in rest.iter().filter(|(_, d)| d.count < 0) {
+                if let Saved::Mark {
+                    partition,
+                    history,
+                    worker,
+                    ..
+                } = record
+                {
+                    del_mark
+                        .execute(params![partition, json(history), worker])
+                        .map_err(err)?;
+                }
+            }
+            for (record, diff) in keys.into_iter().chain(rest.into_iter().filter(|(_, d)| d.count >= 0)) {
+                match record {
+                    Saved::Key { key, state: None, .. } => {
+                        del_key.execute([key]).map_err(err)?;
+                    }
+                    Saved::Key {
+                        key,
+                        state: Some(state),
+                        ..
+                    } => {
+                        put_key.execute(params![key, json(state)]).map_err(err)?;
+                    }
+                    Saved::Mark {
+                        partition,
+                        history,
+                        worker,
+                        segments,
+                    } => {
+                        put_mark
+                            .execute(params![partition, json(history), worker, json(segments)])
+                            .map_err(err)?;
+                    }
+                    Saved::Org(org) => {
+                        let stored: Option<(i64, i64, String)> = get_org
+                            .query_row([org], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                            .optional()
+                            .map_err(err)?;
+                        let mut total = match stored {
+                            Some((started, running, billing)) => org_usage(&path, org, started, running, &billing)?,
+                            None => Usage::default(),
+                        };
+                        differential_dataflow::difference::Semigroup::plus_equals(&mut total, &diff.usage);
+                        if differential_dataflow::difference::IsZero::is_zero(&total) {
+                            del_org.execute([org]).map_err(err)?;
+                        } else {
+                            put_org
+                                .execute(params![org, total.started, total.running, total.billing.to_string()])
                                 .map_err(err)?;
-                            let mut total = Usage::default();
-                            if let Some((started, running, billing)) = stored {
-                                let billing = Money::parse(&billing).map_err(|e| StoreError::Corrupt {
-                                    path: path.display().to_string(),
-                                    what: format!("organization {org}"),
-                                    error: format!("{e:?}"),
-                                })?;
-                                total = Usage {
-                                    started,
-                                    running,
-                                    billing,
-                                };
-                            }
-                            differential_dataflow::difference::Semigroup::plus_equals(&mut total, &diff.usage);
-                            if differential_dataflow::difference::IsZero::is_zero(&total) {
-                                del_org.execute([org]).map_err(err)?;
-                            } else {
-                                put_org
-                                    .execute(params![org, total.started, total.running, total.billing.to_string()])
-                                    .map_err(err)?;
-                            }
                         }
-                        Saved::Bill(bill) => {
-                            for _ in 0..diff.count.max(0) {
-                                put_bill
-                                    .execute(params![
-                                        bill.org,
-                                        bill.instance,
-                                        bill.key,
-                                        bill.started_ms,
-                                        bill.ended_ms,
-                                        bill.amount.to_string(),
-                                        json(&bill.periods),
-                                        as_of as i64,
-                                    ])
-                                    .map_err(err)?;
-                            }
+                    }
+                    Saved::Bill(bill) => {
+                        for _ in 0..diff.count.max(0) {
+                            put_bill
+                                .execute(params![
+                                    bill.org,
+                                    bill.instance,
+                                    bill.key,
+                                    bill.started_ms,
+                                    bill.ended_ms,
+                                    bill.amount.to_string(),
+                                    json(&bill.periods),
+                                    as_of as i64,
+                                ])
+                                .map_err(err)?;
                         }
                     }
                 }
