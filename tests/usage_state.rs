@@ -38,6 +38,11 @@ fn spawn(broker: &Broker, topic: &str, workers: &str, dir: &Path, state: Option<
     common::spawn_tally(&args)
 }
 
+/// One server's binlog, one position per step: the usual history.
+fn in_order(step: usize) -> LogAt {
+    LogAt::pos(1000 + step as u64 * 10)
+}
+
 /// What Kafka's log compaction leaves: per key, only its latest record, and no key whose latest record is
 /// a tombstone (once `delete.retention.ms` has passed). Survivors keep their order.
 fn compacted(records: &[Rec]) -> Vec<Rec> {
@@ -130,7 +135,7 @@ fn checkpoint_and_stop(mut tally: Tally) {
 fn a_checkpoint_and_what_compaction_or_retention_leave_give_the_full_history_bytes() {
     let broker = Broker::start();
     let partitions = 4;
-    let (steps, expected) = simulated_steps(3000, partitions, 7, |i| LogAt::pos(1000 + i as u64 * 10), true);
+    let (steps, expected) = simulated_steps(3000, partitions, 7, in_order, true);
     let (first, second) = steps.split_at(2000);
     let first: Vec<Rec> = first.iter().flatten().cloned().collect();
     let second: Vec<Rec> = second.iter().flatten().cloned().collect();
@@ -146,7 +151,7 @@ fn a_checkpoint_and_what_compaction_or_retention_leave_give_the_full_history_byt
     broker.create_topic("before", partitions);
     produce(&broker, "before", &first);
     let state = dir.join("state.db");
-    let (_, first_expected) = simulated_steps(2000, partitions, 7, |i| LogAt::pos(1000 + i as u64 * 10), true);
+    let (_, first_expected) = simulated_steps(2000, partitions, 7, in_order, true);
     let tally = spawn(&broker, "before", "2", &dir, Some(&state), &[]);
     tally.wait_for_json("/", &first_expected, WAIT);
     checkpoint_and_stop(tally);
@@ -190,7 +195,7 @@ fn a_checkpoint_and_what_compaction_or_retention_leave_give_the_full_history_byt
 fn kill_9_ten_times_loses_and_doubles_no_bill() {
     let broker = Broker::start();
     let partitions = 4;
-    let (steps, expected) = simulated_steps(4000, partitions, 11, |i| LogAt::pos(1000 + i as u64 * 10), true);
+    let (steps, expected) = simulated_steps(4000, partitions, 11, in_order, true);
     let destroyed: usize = steps.iter().filter(|s| s.len() == 2).count();
     broker.create_topic("history", partitions);
     let dir = common::temp_dir("kill9");
@@ -229,9 +234,9 @@ fn kill_9_ten_times_loses_and_doubles_no_bill() {
 fn a_two_worker_checkpoint_restores_into_one_and_four_workers() {
     let broker = Broker::start();
     let partitions = 4;
-    let (steps, expected) = simulated_steps(2400, partitions, 5, |i| LogAt::pos(1000 + i as u64 * 10), true);
+    let (steps, expected) = simulated_steps(2400, partitions, 5, in_order, true);
     let (first, second) = steps.split_at(1500);
-    let (_, first_expected) = simulated_steps(1500, partitions, 5, |i| LogAt::pos(1000 + i as u64 * 10), true);
+    let (_, first_expected) = simulated_steps(1500, partitions, 5, in_order, true);
     broker.create_topic("instances", partitions);
     produce(
         &broker,
@@ -381,7 +386,7 @@ fn new_history_after_a_reset_a_failover_or_a_stray_position_is_billed_and_replay
 #[test]
 fn bills_answer_per_organization_with_their_price_periods() {
     let broker = Broker::start();
-    let (steps, expected) = simulated_steps(600, 1, 9, |i| LogAt::pos(1000 + i as u64 * 10), true);
+    let (steps, expected) = simulated_steps(600, 1, 9, in_order, true);
     broker.create_topic("instances", 1);
     produce(
         &broker,
