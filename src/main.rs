@@ -2,9 +2,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tally::pipelines::{food, usage};
+use tally::pipelines::{food, rates, usage};
 use tally::runtime::{self, process};
-use tally::tools::{demo, feed, simulate};
+use tally::tools::{demo, feed, prices, simulate};
 
 /// Decoding and the dataflow allocate small strings per record; glibc's malloc cost tally about a third of
 /// its worker time in the event-rate benchmark (perf, bench-results/).
@@ -27,6 +27,10 @@ enum Command {
     /// Food counts: `{"food": ...}` events on topic `message` counted into the SQLite table `aggregated`,
     /// exactly once, served at GET/POST /aggregated.
     Food(food::FoodArgs),
+    /// Rates: price batches applied all-or-nothing, PostgreSQL of record, the /rates API (port 3000).
+    Rates(rates::RatesArgs),
+    /// Publish a price batch to the rates topic, or generate one from the dump's distribution.
+    Prices(prices::PricesArgs),
     /// The spec's simulator against a real MariaDB: creates cloud.instances if missing, then deploys
     /// (probability 2/3) or destroys the oldest instance every interval.
     Simulate(simulate::SimulateArgs),
@@ -45,12 +49,14 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Usage(args) => runtime::run(usage::UsagePipeline::new(args)).context("usage pipeline failed"),
         Command::Food(args) => runtime::run(food::FoodPipeline::new(args)).context("food counts pipeline failed"),
+        Command::Rates(args) => runtime::run(rates::RatesPipeline::new(args)).context("rates pipeline failed"),
         Command::Simulate(args) => {
             let steps = simulate::simulate(&args).context("simulator failed")?;
             eprintln!("tally simulate: {steps} steps done");
             Ok(())
         }
         Command::Feed(args) => args.run().context("feed failed"),
+        Command::Prices(args) => args.run().context("prices failed"),
         Command::Demo(args) => args.run().context("demo failed"),
     }
 }

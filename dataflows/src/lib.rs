@@ -3,4 +3,5 @@
 
 pub mod food_counts;
 pub mod money;
+pub mod rates;
 pub mod usage;

@@ -143,7 +143,8 @@ impl Request<'_> {
     }
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+/// `%XX` and `+` decoded; `None` if malformed or not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -264,6 +265,8 @@ impl Route {
 pub struct Routes {
     endpoints: Vec<(Route, Arc<dyn Endpoint>)>,
     views: Vec<(String, ViewHandle)>,
+    /// Query endpoints gated on the catch-up like views.
+    gated: Vec<String>,
     ui: Option<Ui>,
 }
 
@@ -277,6 +280,14 @@ impl Routes {
     pub fn view(mut self, path: &str, view: ViewHandle) -> Self {
         self.views.push((path.to_owned(), view.clone()));
         self.at(path, view)
+    }
+
+    /// Serves `endpoint` at `path` as a query over the views: 503 until the first catch-up like a view
+    /// (or marked partial), but answered at once rather than paced to one answer per tick, since each
+    /// request asks something else.
+    pub fn query(mut self, path: &str, endpoint: impl Endpoint) -> Self {
+        self.gated.push(path.to_owned());
+        self.at(path, endpoint)
     }
 
     /// Serves `endpoint` at exactly `path` (whatever the query string).
@@ -355,7 +366,7 @@ impl Routes {
                 let Some((_, endpoint)) = self.endpoints.iter().find(|(route, _)| route.matches(path)) else {
                     return Reply::error(404, "not found");
                 };
-                if !self.is_view(path) {
+                if !self.is_view(path) && !self.gated.iter().any(|p| p == path) {
                     return endpoint.respond(request);
                 }
                 let status = self.health(&serving.health);

@@ -2,4 +2,5 @@
 //! metrics, behind [`crate::runtime::Pipeline`]. Adding one: a folder here, its pure dataflow in
 //! `dataflows/src/`, and a line in `main.rs`'s `Command` enum.
 pub mod food;
+pub mod rates;
 pub mod usage;

@@ -99,6 +99,10 @@ pub trait Decoder: 'static {
         value: Option<&[u8]>,
         meta: &Metadata<'_>,
     ) -> Result<Decoded<Self::Out>, DecodeError>;
+
+    /// Called once per source step, messages or not: a decoder that holds messages back (a batch staged
+    /// until complete) expires what waited too long here.
+    fn idle(&mut self) {}
 }
 
 /// Refuses a top-level JSON array: serde would otherwise fill a struct from it by position.

@@ -250,6 +250,7 @@ pub fn kafka_source<'s, D: Decoder>(
                     }
                 }
                 drop(session);
+                decoder.idle();
                 let mut progress_handle = progress_out.activate();
                 let mut progress = progress_handle.session(&capabilities[1]);
                 for (p, (n, next_offset)) in per_partition {

@@ -2,5 +2,6 @@
 //! the self-contained demo.
 pub mod demo;
 pub mod feed;
+pub mod prices;
 pub mod sim;
 pub mod simulate;

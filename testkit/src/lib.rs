@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 pub use http::{header, http_body, http_get, metric_sum};
 pub use process::{KillOnDrop, Tally};
 pub use produce::{capture_records, produce, produce_to, send_retrying, Rec};
-pub use services::{create_topic, Broker, MariaDb};
+pub use services::{create_topic, Broker, MariaDb, Postgres};
 pub use workload::{simulated, simulated_steps, Ledger, Workload};
 
 /// The repository's root.

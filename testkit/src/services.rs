@@ -113,3 +113,68 @@ impl Drop for MariaDb {
             .status();
     }
 }
+
+/// A PostgreSQL server for a test: the one `TALLY_TEST_POSTGRES` names (an admin URL), else a private
+/// one from scripts/postgres, stopped on drop. Each test makes its own databases on it.
+pub struct Postgres {
+    /// Admin URL (`postgres://postgres@127.0.0.1:PORT/postgres`).
+    pub url: String,
+    private: bool,
+}
+
+impl Postgres {
+    /// Uses `TALLY_TEST_POSTGRES` or starts a private server.
+    pub fn start() -> Postgres {
+        match std::env::var("TALLY_TEST_POSTGRES") {
+            Ok(url) if !url.is_empty() => Postgres { url, private: false },
+            _ => Postgres {
+                url: start_service("postgres"),
+                private: true,
+            },
+        }
+    }
+
+    /// The URL of database `name` on this server.
+    pub fn url_of(&self, name: &str) -> String {
+        match self.url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => format!("{}/{name}", self.url),
+        }
+    }
+
+    /// A fresh database (dropped first if a previous run left it) holding the rates dump; its URL.
+    pub fn rates_database(&self, name: &str) -> String {
+        let mut admin = postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to the test PostgreSQL");
+        // Two statements: a multi-statement string runs as one transaction, which DROP DATABASE refuses.
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .expect("drop a test database a previous run left");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create the test database");
+        let url = self.url_of(name);
+        let out = Command::new("psql")
+            .args(["-q", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(root().join("data/rates.sql"))
+            .arg(&url)
+            .stdout(Stdio::null())
+            .output()
+            .expect("run psql (scripts/postgres install provides it)");
+        assert!(
+            out.status.success(),
+            "loading data/rates.sql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        url
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if self.private {
+            let _ = Command::new(root().join("scripts/postgres"))
+                .args(["stop", &self.url])
+                .status();
+        }
+    }
+}
