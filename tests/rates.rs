@@ -545,3 +545,125 @@ fn kill_9_mid_batch_and_a_second_replica_store_each_batch_once() {
         "every record of both batches is behind the stored offsets"
     );
 }
+
+/// One request as a load balancer's client makes it: `None` if the replica refused the connection (the
+/// balancer then tries another), else the status and body it answered. A connection accepted and then cut
+/// is a lost response and fails the test.
+fn balanced_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .unwrap_or_else(|e| panic!("a response lost: {addr}{path} accepted, then {e}"));
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("a cut response: {raw:?}"));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap();
+    Some((status, body.to_owned()))
+}
+
+#[test]
+fn a_rolling_restart_of_two_replicas_under_load_loses_no_response_and_no_batch() {
+    let s = setup("rates_rolling");
+    let grace = ["--shutdown-grace-ms", "1000"];
+    let mut a = s.rates(&grace);
+    let mut b = s.rates(&grace);
+    let mut pg = s.client();
+    let base: i64 = pg.query_one("SELECT count(*) FROM prices", &[]).unwrap().get(0);
+    // The balancer: replicas whose /health is 200, checked every 20 ms.
+    let live = Arc::new(std::sync::Mutex::new(vec![a.http.clone(), b.http.clone()]));
+    let candidates = Arc::new(std::sync::Mutex::new(vec![a.http.clone(), b.http.clone()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let checker = {
+        let (live, candidates, stop) = (live.clone(), candidates.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let all = candidates.lock().unwrap().clone();
+                let up: Vec<String> = all
+                    .into_iter()
+                    .filter(|addr| http_get(addr, "/health").0 == 200)
+                    .collect();
+                *live.lock().unwrap() = up;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let query = "/rates?date_from=2021-01-01&date_to=2021-01-31&origin=china_main&destination=northern_europe";
+    let clients: Vec<_> = (0..2)
+        .map(|c| {
+            let (live, stop) = (live.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut answered, mut refused) = (0u64, 0u64);
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) {
+                    let up = live.lock().unwrap().clone();
+                    if up.is_empty() {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    i += 1;
+                    match balanced_get(&up[i % up.len()], query) {
+                        None => refused += 1,
+                        Some((status, body)) => {
+                            assert_eq!(status, 200, "{body}");
+                            let days: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+                            assert_eq!(days.len(), 31);
+                            answered += 1;
+                        }
+                    }
+                }
+                (answered, refused)
+            })
+        })
+        .collect();
+    let publisher = {
+        let (addr, stop) = (s.broker.addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("roll-{n}");
+                let items = january_batch(1_000, 100 + n);
+                publish(&addr, TOPIC, &id, &batch_records(&id, &items, 250)).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            n
+        })
+    };
+    // Restart a, then b: each new replica is ready before the old one gets SIGTERM.
+    for old in [&mut a, &mut b] {
+        std::thread::sleep(Duration::from_millis(500));
+        let new = s.rates(&grace);
+        candidates.lock().unwrap().push(new.http.clone());
+        let (status, _) = old.terminate();
+        assert!(status.success(), "SIGTERM ends tally with 0: {status:?}");
+        candidates.lock().unwrap().retain(|addr| *addr != old.http);
+        *old = new;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let published = publisher.join().unwrap();
+    checker.join().unwrap();
+    let (mut answered, mut refused) = (0, 0);
+    for c in clients {
+        let (x, y) = c.join().unwrap();
+        answered += x;
+        refused += y;
+    }
+    assert!(answered > 100, "{answered} answers, {refused} refused connections");
+    for id in (0..published).map(|n| format!("roll-{n}")) {
+        wait_batch(&a, &id, "applied");
+        wait_batch(&b, &id, "applied");
+    }
+    assert_eq!(rates(&a, &query[7..]).2, rates(&b, &query[7..]).2);
+    let now: i64 = pg.query_one("SELECT count(*) FROM prices", &[]).unwrap().get(0);
+    assert_eq!(now, base + 1_000 * published as i64, "every batch stored exactly once");
+    let batches: i64 = pg
+        .query_one("SELECT count(*) FROM tally_rates_batches", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(batches, published as i64);
+    eprintln!("rolling restart: {answered} answers, {refused} refused connections retried, {published} batches");
+}

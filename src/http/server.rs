@@ -46,6 +46,8 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// The least time between two view answers on one connection (the tick: a view changes no faster).
     pub view_interval: Duration,
+    /// After SIGTERM: how long requests are still served (with /health 503) before the listener closes.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -58,6 +60,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             view_interval: Duration::from_millis(20),
+            shutdown_grace: Duration::ZERO,
         }
     }
 }
@@ -116,8 +119,8 @@ pub fn bind(listen: &str) -> Result<Server, RuntimeError> {
     Ok(Server { listener, addr })
 }
 
-/// Serves `routes` on threads of its own until `shutdown` is set; the handle ends once it has stopped
-/// accepting.
+/// Serves `routes` on threads of its own until `shutdown` is set (and the grace period after it); the
+/// handle ends once the listener is closed and the requests in flight are answered.
 pub fn spawn(
     server: Server,
     routes: Routes,
@@ -137,7 +140,6 @@ pub fn spawn(
                 .build()
                 .expect("starting the HTTP runtime");
             runtime.block_on(accept_loop(server, Arc::new(routes), Arc::new(serving), shutdown));
-            // Connections still being written end with the process, not here.
             runtime.shutdown_background();
         })
         .expect("spawning a thread at startup")
@@ -160,10 +162,24 @@ async fn accept_loop(server: Server, routes: Arc<Routes>, serving: Arc<Serving>,
             return;
         }
     };
-    let permits = Arc::new(Semaphore::new(serving.limits.max_connections.max(1)));
+    let max_connections = serving.limits.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let tick = Duration::from_millis(200);
     let mut backoff = Duration::from_millis(10);
-    while !shutdown.load(Ordering::Relaxed) {
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    loop {
+        if shutdown.load(Ordering::Relaxed) {
+            // Shutting down: /health answers 503 from now on, so a load balancer routes elsewhere, and
+            // requests are still served for the grace period before the listener closes.
+            let at = *stop_at.get_or_insert_with(|| {
+                serving.health.stopping();
+                tokio::time::Instant::now() + serving.limits.shutdown_grace
+            });
+            if tokio::time::Instant::now() >= at {
+                break;
+            }
+        }
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             () = tokio::time::sleep(tick) => continue,
@@ -176,9 +192,9 @@ async fn accept_loop(server: Server, routes: Arc<Routes>, serving: Arc<Serving>,
             Ok((stream, _)) => {
                 backoff = Duration::from_millis(10);
                 let _ = stream.set_nodelay(true);
-                let (routes, serving) = (routes.clone(), serving.clone());
+                let (routes, serving, stopping) = (routes.clone(), serving.clone(), stopping.clone());
                 tokio::spawn(async move {
-                    serve_connection(stream, routes, serving).await;
+                    serve_connection(stream, routes, serving, stopping).await;
                     drop(permit);
                 });
             }
@@ -194,9 +210,26 @@ async fn accept_loop(server: Server, routes: Arc<Routes>, serving: Arc<Serving>,
             }
         }
     }
+    drop(listener);
+    // Requests in flight are answered; idle connections close. Bounded: a client that stops reading is
+    // dropped by the write timeout anyway.
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(
+        serving.limits.write_timeout + Duration::from_secs(1),
+        permits.acquire_many(max_connections as u32),
+    )
+    .await;
+    if drained.is_err() {
+        warn!("HTTP: connections still open at shutdown are dropped");
+    }
 }
 
-async fn serve_connection(stream: TcpStream, routes: Arc<Routes>, serving: Arc<Serving>) {
+async fn serve_connection(
+    stream: TcpStream,
+    routes: Arc<Routes>,
+    serving: Arc<Serving>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
     let limits = serving.limits.clone();
     let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
     // A view changes at most once per closed timestamp, so a connection gets at most one view answer per
@@ -218,14 +251,32 @@ async fn serve_connection(stream: TcpStream, routes: Arc<Routes>, serving: Arc<S
             Ok::<_, Infallible>(handle(&request, &routes, &serving))
         }
     });
-    let result = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
-        .serve_connection(io, service)
-        .await;
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let stop = async move {
+        loop {
+            if *stopping.borrow_and_update() {
+                return;
+            }
+            if stopping.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = stop => {
+            // Shutting down: a request in flight is answered, an idle keep-alive connection closes now.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = result {
         debug!(error = %e, "HTTP connection ended");
     }

@@ -1,4 +1,4 @@
-//! What `/health` reports, truthfully: `catching_up` until every source of this process has read up to
+//! What `/health` reports, truthfully: `stopping` once SIGTERM arrived; `catching_up` until every source of this process has read up to
 //! the high watermarks it saw when it connected AND every view shows a timestamp at or after that;
 //! `degraded` once caught up if a source has not heard from the broker for `stale_after`, a sink's last
 //! commit failed, or the last dead-letter write failed; `ok` otherwise. Anything but `ok` answers 503, so
@@ -61,6 +61,8 @@ pub struct Health {
     dead_letter_failing: AtomicBool,
     /// Latched once caught up: a later outage is `degraded`, never a rebuild.
     ready: AtomicBool,
+    /// Set at SIGTERM: the process is draining and should get no new traffic.
+    stopping: AtomicBool,
 }
 
 /// `ok`, `catching_up` or `degraded`, with why.
@@ -87,6 +89,7 @@ impl Health {
             dead_letter_failures: AtomicU64::new(0),
             dead_letter_failing: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -101,6 +104,11 @@ impl Health {
         });
         self.sources.lock().unwrap_or_else(|p| p.into_inner()).push(s.clone());
         s
+    }
+
+    /// The process is shutting down: `/health` says `stopping` (503) from now on.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// A sink's commit failed (`Some(error)`) or succeeded (`None`).
@@ -180,10 +188,18 @@ impl Health {
             reasons.push("the last dead-letter write failed".to_owned());
         }
         let ready = self.ready.load(Ordering::Relaxed);
-        let status = match (ready, reasons.is_empty()) {
-            (false, _) => "catching_up",
-            (true, true) => "ok",
-            (true, false) => "degraded",
+        let stopping = self.stopping.load(Ordering::Relaxed);
+        if stopping {
+            reasons.insert(
+                0,
+                "shutting down: finishing requests in flight and the last commit".to_owned(),
+            );
+        }
+        let status = match (stopping, ready, reasons.is_empty()) {
+            (true, _, _) => "stopping",
+            (false, false, _) => "catching_up",
+            (false, true, true) => "ok",
+            (false, true, false) => "degraded",
         };
         Status {
             status,

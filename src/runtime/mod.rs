@@ -63,6 +63,11 @@ pub struct OpsArgs {
     /// progress on a response (a client that stops reading is dropped).
     #[arg(long, env = "TALLY_HTTP_TIMEOUT_MS", default_value_t = 10_000)]
     pub http_timeout_ms: u64,
+    /// After SIGTERM, keep serving this many milliseconds with /health answering 503 `stopping` before
+    /// the listener closes, so a load balancer moves traffic away first (requests in flight are always
+    /// answered).
+    #[arg(long, env = "TALLY_SHUTDOWN_GRACE_MS", default_value_t = 0)]
+    pub shutdown_grace_ms: u64,
     /// Size in bytes at which the dead-letter file is rotated to <file>.1 (one older file is kept).
     #[arg(long, env = "TALLY_DEAD_LETTER_MAX_BYTES", default_value_t = crate::sources::dead_letter::DEFAULT_MAX_BYTES)]
     pub dead_letter_max_bytes: u64,
@@ -150,6 +155,7 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
         None => None,
     };
     let routes = pipeline.prepare(&metrics)?;
+    let mut http_thread = None;
     let dead_letter = Arc::new(DeadLetter::open(&common.dead_letter, ops.dead_letter_max_bytes)?);
     if common.cluster.serves_http() {
         let server = http::bind(&common.listen)?;
@@ -165,6 +171,7 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
             header_timeout: timeout,
             write_timeout: timeout,
             view_interval: Duration::from_millis(common.cluster.tick_ms.max(1)),
+            shutdown_grace: Duration::from_millis(ops.shutdown_grace_ms),
             ..Limits::default()
         };
         let serving = Serving {
@@ -174,7 +181,7 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
             serve_partial: ops.serve_partial,
             limits,
         };
-        http::spawn(server, routes, serving, shutdown.clone());
+        http_thread = Some(http::spawn(server, routes, serving, shutdown.clone()));
     }
     let cluster = common.cluster;
     let tick_ms = cluster.tick_ms.max(1);
@@ -187,7 +194,7 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
         health,
     };
     let pipeline = Arc::new(pipeline);
-    execute(&cluster, move |worker| {
+    let result = execute(&cluster, move |worker| {
         let sizes = pipeline.build(worker, &env);
         let worker_label = worker.index().to_string();
         let mut last_report = Instant::now();
@@ -202,7 +209,12 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
                 }
             }
         }
-    })
+    });
+    // The dataflow is done (and its last commit); HTTP answers what is in flight, then the process ends.
+    if let Some(thread) = http_thread.filter(|_| result.is_ok()) {
+        let _ = thread.join();
+    }
+    result
 }
 
 /// Runs `work` on every worker of the cluster layout and waits for all of them to finish.
