@@ -215,6 +215,21 @@ fn main() {
         }));
     }
     report.insert("offer_to_visible".into(), offers.into());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tally.child.id())).unwrap_or_default();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let held: serde_json::Value = serde_json::from_str(&tally.get("/rates/summary").2).unwrap_or_default();
+    println!(
+        "tally RSS after the batches: {:.0} MB, holding {} prices in {} pair-days",
+        rss_kb as f64 / 1024.0,
+        held["prices"],
+        held["pair_days"]
+    );
+    report.insert("rss_mb_after_batches".into(), (rss_kb as f64 / 1024.0).into());
+    report.insert("held".into(), held);
 
     // 2. Requests.
     let base = format!("http://{}", tally.http);

@@ -31,6 +31,9 @@ fn compose_file_is_pinned_and_its_files_exist() {
         "--binlog-format=ROW",
         "\"usage\", \"--brokers\", \"kafka:9092\"",
         "12000:12000",
+        "./data/rates.sql:/docker-entrypoint-initdb.d/rates.sql:ro",
+        "\"rates\", \"--brokers\", \"kafka:9092\", \"--postgres\"",
+        "3000:3000",
     ] {
         assert!(text.contains(needle), "docker-compose.yml lacks {needle}");
     }

@@ -55,7 +55,7 @@ pub struct RatesArgs {
     #[arg(long, env = "TALLY_RATES_LISTEN", default_value = "0.0.0.0:3000")]
     pub listen: String,
     /// A batch still incomplete this long after its last part expires (nothing of it applied).
-    #[arg(long, env = "TALLY_BATCH_EXPIRY", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "TALLY_BATCH_EXPIRY", default_value = "10m", value_parser = crate::runtime::clock::parse_duration)]
     pub batch_expiry: Duration,
     /// Longest date range one /rates request may ask for, in days.
     #[arg(long, env = "TALLY_RATES_MAX_DAYS", default_value_t = 3660)]
@@ -67,17 +67,6 @@ pub struct RatesArgs {
     pub cluster: Cluster,
     #[command(flatten)]
     pub ops: OpsArgs,
-}
-
-/// `10m`, `30s`, `500ms`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let d: jiff::SignedDuration = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a duration like 10m, 30s or 500ms: {e}"))?;
-    Duration::try_from(d)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("{text:?}: the duration must be positive"))
 }
 
 /// The rates pipeline, ready to run.

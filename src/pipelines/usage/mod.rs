@@ -67,13 +67,8 @@ pub struct UsageArgs {
 
 /// `10s`, `250ms`, `1m` -> milliseconds (at least 1).
 fn parse_interval_ms(text: &str) -> Result<u64, String> {
-    let d: jiff::SignedDuration = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a duration like 10s, 500ms or 1m: {e}"))?;
-    u64::try_from(d.as_millis())
-        .ok()
-        .filter(|ms| *ms > 0)
-        .ok_or_else(|| format!("{text:?}: the interval must be positive"))
+    let d = crate::runtime::clock::parse_duration(text)?;
+    Ok((d.as_millis() as u64).max(1))
 }
 
 /// The usage pipeline, ready to run.
