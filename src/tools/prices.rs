@@ -239,15 +239,29 @@ pub fn batch_records(batch_id: &str, items: &[Item], chunk_items: usize) -> Vec<
     records
 }
 
-/// Sends records in order with an idempotent producer and waits until every one is acknowledged.
-pub fn publish(brokers: &str, topic: &str, batch_id: &str, records: &[(String, String)]) -> Result<(), PricesError> {
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+/// The idempotent producer batches are published with.
+pub fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>, PricesError> {
+    Ok(rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.max.bytes", "1000000")
-        .create()?;
+        .create()?)
+}
+
+/// Sends records in order with an idempotent producer and waits until every one is acknowledged.
+pub fn publish(brokers: &str, topic: &str, batch_id: &str, records: &[(String, String)]) -> Result<(), PricesError> {
+    publish_with(&producer(brokers)?, topic, batch_id, records)
+}
+
+/// [`publish`] through a producer the caller keeps (a service publishing many batches).
+pub fn publish_with(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    batch_id: &str,
+    records: &[(String, String)],
+) -> Result<(), PricesError> {
     for (key, value) in records {
         let mut record = BaseRecord::<String, String>::to(topic).key(key).payload(value);
         loop {

@@ -149,13 +149,22 @@ pub fn flask_form(index: &Index, orig: &str, dest: &str, from: Day, to: Day) -> 
 pub fn ratestask_form(index: &Index, origins: &[String], destinations: &[String], from: Day, to: Day) -> String {
     let n = (i64::from(to) - i64::from(from) + 1).max(0) as usize;
     let mut acc = vec![PriceSum::default(); n];
+    let wanted: std::collections::HashSet<&str> = destinations.iter().map(String::as_str).collect();
+    let mut add = |days: &super::index::Days| {
+        for (day, s) in days.range(from..=to) {
+            acc[(day - from) as usize].plus_equals(s);
+        }
+    };
     for o in origins {
         let Some(dests) = index.pairs.get(o) else { continue };
-        for d in destinations {
-            if let Some(days) = dests.get(d) {
-                for (day, s) in days.range(from..=to) {
-                    acc[(day - from) as usize].plus_equals(s);
-                }
+        // Walk the smaller side: an origin has prices to few destinations, a region has many ports.
+        if dests.len() < wanted.len() {
+            for (_, days) in dests.iter().filter(|(d, _)| wanted.contains(d.as_str())) {
+                add(days);
+            }
+        } else {
+            for days in destinations.iter().filter_map(|d| dests.get(d)) {
+                add(days);
             }
         }
     }
