@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tally::pipelines::{food, rates, usage};
+use tally::pipelines::{availability, food, rates, usage};
 use tally::runtime::{self, process};
 use tally::tools::{demo, feed, prices, simulate};
 
@@ -31,6 +31,8 @@ enum Command {
     Rates(rates::RatesArgs),
     /// Publish a price batch to the rates topic, or generate one from the dump's distribution.
     Prices(prices::PricesArgs),
+    /// Check websites on a fixed slot grid, every phase timed, results to Kafka (availability spec).
+    Checker(availability::checker::CheckerArgs),
     /// The spec's simulator against a real MariaDB: creates cloud.instances if missing, then deploys
     /// (probability 2/3) or destroys the oldest instance every interval.
     Simulate(simulate::SimulateArgs),
@@ -57,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Feed(args) => args.run().context("feed failed"),
         Command::Prices(args) => args.run().context("prices failed"),
+        Command::Checker(args) => args.run().context("checker failed"),
         Command::Demo(args) => args.run().context("demo failed"),
     }
 }
