@@ -33,6 +33,8 @@ enum Command {
     Prices(prices::PricesArgs),
     /// Check websites on a fixed slot grid, every phase timed, results to Kafka (availability spec).
     Checker(availability::checker::CheckerArgs),
+    /// Check results from Kafka into PostgreSQL exactly once (`--setup` creates the schema).
+    Availability(availability::writer::AvailabilityArgs),
     /// The spec's simulator against a real MariaDB: creates cloud.instances if missing, then deploys
     /// (probability 2/3) or destroys the oldest instance every interval.
     Simulate(simulate::SimulateArgs),
@@ -60,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Command::Feed(args) => args.run().context("feed failed"),
         Command::Prices(args) => args.run().context("prices failed"),
         Command::Checker(args) => args.run().context("checker failed"),
+        Command::Availability(args) => availability::writer::run(args).context("availability writer failed"),
         Command::Demo(args) => args.run().context("demo failed"),
     }
 }

@@ -10,3 +10,4 @@ pub mod checker;
 pub mod probe;
 pub mod schedule;
 pub mod sites;
+pub mod writer;

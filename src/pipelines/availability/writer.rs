@@ -1,0 +1,453 @@
+//! `tally availability`: check results from Kafka into PostgreSQL, exactly once, with raw SQL.
+//!
+//! Per closed timestamp ONE transaction through the shared transactional sink: `COPY` the results into a
+//! temporary staging table, `INSERT ... SELECT ... ON CONFLICT DO NOTHING` into `check_result` (primary key
+//! `(url, scheduled_at)`: a re-sent or replayed result is one row), and the Kafka offsets. On start the
+//! source resumes from the stored offsets, so a kill -9 anywhere loses and doubles nothing.
+//!
+//! `check_result` is partitioned by day of `scheduled_at`; partitions are created as results arrive and, with
+//! `--retention-days`, the ones entirely older than that many days before the newest result are dropped.
+//! `--setup` creates the schema and a least-privilege role and exits.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use postgres::{Client, NoTls};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DecodeError, RuntimeError};
+use crate::http::Routes;
+use crate::metrics::Metrics;
+use crate::runtime::{Cluster, Common, Env, OpsArgs, Pipeline, StateSize};
+use crate::sinks::{tx_sink, Offsets, TxSink};
+use crate::sources::decode::{reject_array, Decoded, Decoder, Metadata};
+use crate::sources::inserts;
+use crate::sources::kafka::{kafka_source, KafkaArgs, KafkaConfig};
+
+/// `tally availability`: the flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AvailabilityArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Topic of check results.
+    #[arg(long, env = "TALLY_AVAILABILITY_TOPIC", default_value = "website_availability")]
+    pub topic: String,
+    /// PostgreSQL database for `check_result`.
+    #[arg(
+        long,
+        env = "TALLY_AVAILABILITY_POSTGRES",
+        default_value = "postgres://postgres@127.0.0.1:5432/availability"
+    )]
+    pub postgres: String,
+    /// Create the tables, partitions' parent and the role `tally_availability_writer`, then exit.
+    #[arg(long)]
+    pub setup: bool,
+    /// Drop day partitions entirely older than this many days before the newest result (default: keep all).
+    #[arg(long, env = "TALLY_AVAILABILITY_RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+    /// HTTP address for /metrics and /health.
+    #[arg(long, env = "TALLY_AVAILABILITY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// File where undecodable results are appended (JSON lines with topic/partition/offset and raw bytes).
+    #[arg(
+        long,
+        env = "TALLY_DEAD_LETTER",
+        default_value = "tally-availability-dead-letter.jsonl"
+    )]
+    pub dead_letter: PathBuf,
+    #[command(flatten)]
+    pub cluster: Cluster,
+    #[command(flatten)]
+    pub ops: OpsArgs,
+}
+
+/// The schema. `check_result` is partitioned by range of `scheduled_at`; its day partitions are made by
+/// the writer. The role may insert and read, not alter or drop.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS check_result (
+    url text NOT NULL,
+    scheduled_at timestamptz NOT NULL,
+    site_id bigint NOT NULL,
+    shard text NOT NULL,
+    outcome text NOT NULL CHECK (outcome IN ('up', 'down', 'missed')),
+    error_class text,
+    error_phase text,
+    error text,
+    http_status integer,
+    regex_matched boolean,
+    final_url text,
+    redirects integer NOT NULL DEFAULT 0,
+    dns_us bigint NOT NULL DEFAULT 0,
+    connect_us bigint NOT NULL DEFAULT 0,
+    tls_us bigint NOT NULL DEFAULT 0,
+    ttfb_us bigint NOT NULL DEFAULT 0,
+    transfer_us bigint NOT NULL DEFAULT 0,
+    total_us bigint NOT NULL DEFAULT 0,
+    cert_not_after timestamptz,
+    PRIMARY KEY (url, scheduled_at)
+) PARTITION BY RANGE (scheduled_at);
+CREATE TABLE IF NOT EXISTS tally_availability_offsets (
+    topic text NOT NULL,
+    kafka_partition integer NOT NULL,
+    next_offset bigint NOT NULL,
+    PRIMARY KEY (topic, kafka_partition)
+);
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tally_availability_writer') THEN
+        CREATE ROLE tally_availability_writer LOGIN;
+    END IF;
+END $$;
+GRANT SELECT, INSERT ON check_result TO tally_availability_writer;
+GRANT SELECT, INSERT, UPDATE ON tally_availability_offsets TO tally_availability_writer;
+";
+
+/// One check result as the checker writes it (`tally checker`'s JSON).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CheckRow {
+    /// The configured URL.
+    pub url: String,
+    /// The slot, epoch ms.
+    pub scheduled_at_ms: i64,
+    /// The site's id.
+    pub site_id: i64,
+    /// The checker's shard.
+    #[serde(default)]
+    pub shard: String,
+    /// up, down, missed.
+    pub outcome: String,
+    /// Why it is down.
+    pub error_class: Option<String>,
+    /// In which phase.
+    pub error_phase: Option<String>,
+    /// What the error said.
+    pub error: Option<String>,
+    /// The final status.
+    pub http_status: Option<i32>,
+    /// Whether the body matched.
+    pub regex_matched: Option<bool>,
+    /// The URL after redirects.
+    pub final_url: Option<String>,
+    /// Redirects followed.
+    #[serde(default)]
+    pub redirects: i32,
+    /// Phase timings, microseconds.
+    #[serde(default)]
+    pub dns_us: i64,
+    /// TCP connect.
+    #[serde(default)]
+    pub connect_us: i64,
+    /// TLS handshake.
+    #[serde(default)]
+    pub tls_us: i64,
+    /// To the response head.
+    #[serde(default)]
+    pub ttfb_us: i64,
+    /// The body.
+    #[serde(default)]
+    pub transfer_us: i64,
+    /// The whole check.
+    #[serde(default)]
+    pub total_us: i64,
+    /// The certificate's notAfter, epoch ms.
+    pub cert_not_after_ms: Option<i64>,
+}
+
+/// Decodes check results; anything else is dead-lettered.
+pub struct CheckDecoder;
+
+impl Decoder for CheckDecoder {
+    type Out = CheckRow;
+
+    fn decode(
+        &mut self,
+        _key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        _meta: &Metadata<'_>,
+    ) -> Result<Decoded<CheckRow>, DecodeError> {
+        let value = value.ok_or(DecodeError::MissingField("value"))?;
+        reject_array(value)?;
+        let row: CheckRow = serde_json::from_slice(value).map_err(DecodeError::from_json)?;
+        if row.url.is_empty() || row.url.len() > 2048 {
+            return Err(DecodeError::Invalid(format!(
+                "url of {} bytes (1..=2048)",
+                row.url.len()
+            )));
+        }
+        if !matches!(row.outcome.as_str(), "up" | "down" | "missed") {
+            return Err(DecodeError::Invalid(format!(
+                "outcome {:?}: expected up, down or missed",
+                row.outcome
+            )));
+        }
+        // Years 1970..=9999 in ms: what timestamptz and the day partitions take.
+        if !(0..253_402_300_800_000).contains(&row.scheduled_at_ms) {
+            return Err(DecodeError::Invalid(format!(
+                "scheduled_at_ms {} out of range",
+                row.scheduled_at_ms
+            )));
+        }
+        Ok(Decoded::Record(row))
+    }
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// PostgreSQL said no.
+    #[error("postgres: {0}")]
+    Postgres(#[from] postgres::Error),
+    /// A COPY stream failed.
+    #[error("copy: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The writer's side: one connection.
+pub struct CheckStore {
+    client: Client,
+    retention_days: Option<u32>,
+    partitions: BTreeSet<i32>,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl CheckStore {
+    /// Connects.
+    pub fn open(url: &str, retention_days: Option<u32>) -> Result<Self, WriterError> {
+        let mut client = Client::connect(url, NoTls)?;
+        client.batch_execute("SET TimeZone = 'UTC'; SET application_name = 'tally availability'")?;
+        Ok(CheckStore {
+            client,
+            retention_days,
+            partitions: BTreeSet::new(),
+        })
+    }
+}
+
+fn day_text(day: i32) -> String {
+    dataflows::rates::format_day(day)
+}
+
+fn copy_field(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        None => out.extend_from_slice(b"\\N"),
+        Some(v) => {
+            for b in v.bytes() {
+                match b {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\t' => out.extend_from_slice(b"\\t"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    _ => out.push(b),
+                }
+            }
+        }
+    }
+}
+
+fn timestamp(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| "1970-01-01T00:00:00Z".into(), |t| t.to_string())
+}
+
+impl TxSink for CheckStore {
+    type Data = CheckRow;
+    type Diff = isize;
+    type Error = WriterError;
+    const NAME: &'static str = "availability-postgres";
+
+    fn offsets(&mut self, topic: &str) -> Result<Offsets, WriterError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT kafka_partition, next_offset FROM tally_availability_offsets WHERE topic = $1",
+                &[&topic],
+            )?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    fn commit(
+        &mut self,
+        _as_of: u64,
+        topic: &str,
+        changes: &[(CheckRow, isize)],
+        offsets: &Offsets,
+    ) -> Result<usize, WriterError> {
+        let mut tx = self.client.transaction()?;
+        let days: BTreeSet<i32> = changes
+            .iter()
+            .filter(|(_, d)| *d > 0)
+            .map(|(r, _)| r.scheduled_at_ms.div_euclid(DAY_MS) as i32)
+            .collect();
+        for day in days.iter().filter(|d| !self.partitions.contains(d)) {
+            let name = format!("check_result_{}", day_text(*day).replace('-', ""));
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF check_result FOR VALUES FROM ('{}') TO ('{}')",
+                day_text(*day),
+                day_text(day + 1)
+            ))?;
+        }
+        let mut rows = 0;
+        if !changes.is_empty() {
+            tx.batch_execute(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS check_stage (LIKE check_result INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+            )?;
+            let mut copy = tx.copy_in(
+                "COPY check_stage (url, scheduled_at, site_id, shard, outcome, error_class, error_phase, error, http_status, \
+                 regex_matched, final_url, redirects, dns_us, connect_us, tls_us, ttfb_us, transfer_us, total_us, cert_not_after) FROM STDIN",
+            )?;
+            let mut buf = Vec::with_capacity(64 * 1024);
+            for (r, diff) in changes {
+                if *diff <= 0 {
+                    continue;
+                }
+                let fields: [Option<String>; 19] = [
+                    Some(r.url.clone()),
+                    Some(timestamp(r.scheduled_at_ms)),
+                    Some(r.site_id.to_string()),
+                    Some(r.shard.clone()),
+                    Some(r.outcome.clone()),
+                    r.error_class.clone(),
+                    r.error_phase.clone(),
+                    r.error.clone(),
+                    r.http_status.map(|s| s.to_string()),
+                    r.regex_matched.map(|b| b.to_string()),
+                    r.final_url.clone(),
+                    Some(r.redirects.to_string()),
+                    Some(r.dns_us.to_string()),
+                    Some(r.connect_us.to_string()),
+                    Some(r.tls_us.to_string()),
+                    Some(r.ttfb_us.to_string()),
+                    Some(r.transfer_us.to_string()),
+                    Some(r.total_us.to_string()),
+                    r.cert_not_after_ms.map(timestamp),
+                ];
+                for (i, f) in fields.iter().enumerate() {
+                    if i > 0 {
+                        buf.push(b'\t');
+                    }
+                    copy_field(&mut buf, f.as_deref());
+                }
+                buf.push(b'\n');
+                if buf.len() > 60 * 1024 {
+                    copy.write_all(&buf)?;
+                    buf.clear();
+                }
+            }
+            copy.write_all(&buf)?;
+            copy.finish()?;
+            rows = tx.execute(
+                "INSERT INTO check_result SELECT DISTINCT ON (url, scheduled_at) * FROM check_stage \
+                 ORDER BY url, scheduled_at ON CONFLICT (url, scheduled_at) DO NOTHING",
+                &[],
+            )? as usize;
+        }
+        for (partition, next) in offsets {
+            tx.execute(
+                "INSERT INTO tally_availability_offsets (topic, kafka_partition, next_offset) VALUES ($1, $2, $3) \
+                 ON CONFLICT (topic, kafka_partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+                &[&topic, partition, next],
+            )?;
+        }
+        let mut dropped = Vec::new();
+        if let (Some(keep), Some(newest)) = (self.retention_days, days.iter().next_back()) {
+            let horizon = newest - keep as i32;
+            for row in tx.query(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'check_result'",
+                &[],
+            )? {
+                let name: String = row.get(0);
+                let day = name
+                    .strip_prefix("check_result_")
+                    .filter(|d| d.len() == 8)
+                    .and_then(|d| dataflows::rates::parse_day(&format!("{}-{}-{}", &d[..4], &d[4..6], &d[6..])));
+                if let Some(day) = day.filter(|d| *d < horizon) {
+                    tx.batch_execute(&format!("DROP TABLE {name}"))?;
+                    dropped.push(day);
+                }
+            }
+        }
+        tx.commit()?;
+        self.partitions.extend(days);
+        for d in dropped {
+            self.partitions.remove(&d);
+            tracing::info!(day = %day_text(d), "check_result partition dropped by --retention-days");
+        }
+        Ok(rows)
+    }
+}
+
+/// The writer pipeline.
+pub struct AvailabilityPipeline {
+    args: AvailabilityArgs,
+    kafka: KafkaConfig,
+}
+
+impl AvailabilityPipeline {
+    /// The pipeline for these flags.
+    pub fn new(args: AvailabilityArgs) -> Self {
+        let kafka = args.kafka.config(&args.topic);
+        AvailabilityPipeline { args, kafka }
+    }
+}
+
+/// `--setup`: the schema and the role.
+pub fn setup(url: &str) -> Result<(), RuntimeError> {
+    let mut client =
+        Client::connect(url, NoTls).map_err(|e| RuntimeError::Config(format!("availability --setup: {e}")))?;
+    client
+        .batch_execute(SCHEMA)
+        .map_err(|e| RuntimeError::Config(format!("availability --setup: {e}")))
+}
+
+impl Pipeline for AvailabilityPipeline {
+    const NAME: &'static str = "availability writer";
+
+    fn common(&self) -> Common {
+        Common {
+            listen: self.args.listen.clone(),
+            dead_letter: self.args.dead_letter.clone(),
+            cluster: self.args.cluster.clone(),
+            ops: self.args.ops.clone(),
+        }
+    }
+
+    fn prepare(&mut self, _metrics: &Arc<Metrics>) -> Result<Routes, RuntimeError> {
+        let config = |e: &dyn std::fmt::Display| {
+            RuntimeError::Config(format!("availability: {e} (run `tally availability --setup` first)"))
+        };
+        let mut store = CheckStore::open(&self.args.postgres, None).map_err(|e| config(&e))?;
+        let offsets = store.offsets(&self.args.topic).map_err(|e| config(&e))?;
+        tracing::info!(resume_from = ?offsets, "availability: resuming from stored offsets");
+        self.kafka.start_offsets = offsets.into_iter().collect();
+        Ok(Routes::new())
+    }
+
+    fn build(&self, worker: &mut timely::worker::Worker, env: &Env) -> Vec<StateSize> {
+        let (url, retention) = (self.args.postgres.clone(), self.args.retention_days);
+        worker.dataflow_named::<u64, _, _>("availability", |scope| {
+            let source = kafka_source(scope, self.kafka.clone(), CheckDecoder, env.source());
+            tx_sink(
+                inserts(source.data),
+                source.progress,
+                self.kafka.topic.clone(),
+                env,
+                move || CheckStore::open(&url, retention),
+            );
+        });
+        Vec::new()
+    }
+}
+
+/// Runs `tally availability`: `--setup` and exit, or the writer.
+pub fn run(args: AvailabilityArgs) -> Result<(), RuntimeError> {
+    if args.setup {
+        setup(&args.postgres)?;
+        eprintln!("tally availability: schema and role tally_availability_writer ready");
+        return Ok(());
+    }
+    crate::runtime::run(AvailabilityPipeline::new(args))
+}
