@@ -169,6 +169,13 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_sites_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/sites.toml");
+        let sites = load(&path).expect("docker/sites.toml is valid");
+        assert_eq!(sites.len(), 4);
+    }
+
+    #[test]
     fn shards_cover_every_site_once() {
         let text: String = (0..50).map(|i| format!("[[site]]\nurl = \"http://h{i}/\"\n")).collect();
         let sites = parse(&text).expect("parses");
