@@ -8,6 +8,7 @@
 //! again; a crash after it resumes past them: kill -9 anywhere loses and doubles nothing. A failed commit
 //! keeps its changes and offsets and is retried at the next timestamp.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -21,6 +21,7 @@ use crate::error::{DecodeError, RuntimeError};
 use crate::http::Routes;
 use crate::metrics::Metrics;
 use crate::runtime::{Cluster, Common, Env, OpsArgs, Pipeline, StateSize};
+use crate::sinks::postgres::{copy_field, load_offsets, offsets_ddl, store_offsets};
 use crate::sinks::{tx_sink, Offsets, TxSink};
 use crate::sources::decode::{reject_array, Decoded, Decoder, Metadata};
 use crate::sources::inserts;
@@ -63,7 +64,10 @@ pub struct AvailabilityArgs {
     pub ops: OpsArgs,
 }
 
-/// The schema. `check_result` is partitioned by range of `scheduled_at`; its day partitions are made by
+/// tally's offsets of the results topic.
+const OFFSETS: &str = "tally_availability_offsets";
+
+/// The schema besides the offsets table. `check_result` is partitioned by range of `scheduled_at`; its day partitions are made by
 /// the writer. The role may insert and read, not alter or drop.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS check_result (
@@ -88,12 +92,6 @@ CREATE TABLE IF NOT EXISTS check_result (
     cert_not_after timestamptz,
     PRIMARY KEY (url, scheduled_at)
 ) PARTITION BY RANGE (scheduled_at);
-CREATE TABLE IF NOT EXISTS tally_availability_offsets (
-    topic text NOT NULL,
-    kafka_partition integer NOT NULL,
-    next_offset bigint NOT NULL,
-    PRIMARY KEY (topic, kafka_partition)
-);
 DO $$ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tally_availability_writer') THEN
         CREATE ROLE tally_availability_writer LOGIN;
@@ -229,23 +227,6 @@ fn day_text(day: i32) -> String {
     dataflows::rates::format_day(day)
 }
 
-fn copy_field(out: &mut Vec<u8>, value: Option<&str>) {
-    match value {
-        None => out.extend_from_slice(b"\\N"),
-        Some(v) => {
-            for b in v.bytes() {
-                match b {
-                    b'\\' => out.extend_from_slice(b"\\\\"),
-                    b'\t' => out.extend_from_slice(b"\\t"),
-                    b'\n' => out.extend_from_slice(b"\\n"),
-                    b'\r' => out.extend_from_slice(b"\\r"),
-                    _ => out.push(b),
-                }
-            }
-        }
-    }
-}
-
 fn timestamp(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms).map_or_else(|_| "1970-01-01T00:00:00Z".into(), |t| t.to_string())
 }
@@ -257,15 +238,7 @@ impl TxSink for CheckStore {
     const NAME: &'static str = "availability-postgres";
 
     fn offsets(&mut self, topic: &str) -> Result<Offsets, WriterError> {
-        Ok(self
-            .client
-            .query(
-                "SELECT kafka_partition, next_offset FROM tally_availability_offsets WHERE topic = $1",
-                &[&topic],
-            )?
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+        Ok(load_offsets(&mut self.client, OFFSETS, topic)?)
     }
 
     fn commit(
@@ -344,13 +317,7 @@ impl TxSink for CheckStore {
                 &[],
             )? as usize;
         }
-        for (partition, next) in offsets {
-            tx.execute(
-                "INSERT INTO tally_availability_offsets (topic, kafka_partition, next_offset) VALUES ($1, $2, $3) \
-                 ON CONFLICT (topic, kafka_partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
-                &[&topic, partition, next],
-            )?;
-        }
+        store_offsets(&mut tx, OFFSETS, topic, offsets)?;
         let mut dropped = Vec::new();
         if let (Some(keep), Some(newest)) = (self.retention_days, days.iter().next_back()) {
             let horizon = newest - keep as i32;
@@ -399,7 +366,7 @@ pub fn setup(url: &str) -> Result<(), RuntimeError> {
     let mut client =
         Client::connect(url, NoTls).map_err(|e| RuntimeError::Config(format!("availability --setup: {e}")))?;
     client
-        .batch_execute(SCHEMA)
+        .batch_execute(&format!("{}\n{SCHEMA}", offsets_ddl(OFFSETS)))
         .map_err(|e| RuntimeError::Config(format!("availability --setup: {e}")))
 }
 

@@ -17,10 +17,12 @@ use dataflows::rates::{format_day, parse_day, Price};
 use postgres::{Client, IsolationLevel, NoTls};
 
 use super::batch::{Batch, Registry};
+use crate::sinks::postgres::{copy_field, load_offsets, offsets_ddl, store_offsets};
 use crate::sinks::{Offsets, TxSink};
 
-/// tally's own tables, created if missing (under an advisory lock, so replicas starting together agree).
-const SETUP: &str = "
+/// tally's table of applied batches (its offsets table is [`OFFSETS`]), created if missing under an
+/// advisory lock, so replicas starting together agree.
+const SETUP_BATCHES: &str = "
 CREATE TABLE IF NOT EXISTS tally_rates_batches (
     batch_id text PRIMARY KEY,
     content_hash text NOT NULL,
@@ -31,12 +33,10 @@ CREATE TABLE IF NOT EXISTS tally_rates_batches (
     end_offset bigint NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE TABLE IF NOT EXISTS tally_rates_offsets (
-    topic text NOT NULL,
-    kafka_partition integer NOT NULL,
-    next_offset bigint NOT NULL,
-    PRIMARY KEY (topic, kafka_partition)
-);";
+";
+
+/// tally's offsets of the batches topic.
+const OFFSETS: &str = "tally_rates_offsets";
 
 /// The advisory lock key of the setup (`'tally'` in ASCII).
 const SETUP_LOCK: i64 = 0x0074_616c_6c79;
@@ -81,7 +81,8 @@ pub fn load(url: &str, topic: &str) -> Result<Snapshot, StoreError> {
     let mut client = connect(url)?;
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SETUP_LOCK])?;
-    tx.batch_execute(SETUP)?;
+    tx.batch_execute(SETUP_BATCHES)?;
+    tx.batch_execute(&offsets_ddl(OFFSETS))?;
     tx.commit()?;
     let mut tx = client
         .build_transaction()
@@ -124,14 +125,7 @@ pub fn load(url: &str, topic: &str) -> Result<Snapshot, StoreError> {
         .into_iter()
         .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
         .collect();
-    let offsets = tx
-        .query(
-            "SELECT kafka_partition, next_offset FROM tally_rates_offsets WHERE topic = $1",
-            &[&topic],
-        )?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let offsets = load_offsets(&mut tx, OFFSETS, topic)?;
     tx.commit()?;
     Ok(Snapshot {
         ports,
@@ -165,18 +159,6 @@ fn unescape(field: &str) -> String {
     out
 }
 
-fn escape(field: &str, out: &mut Vec<u8>) {
-    for b in field.bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
-    }
-}
-
 /// The writer's side of the store.
 pub struct RatesStore {
     client: Client,
@@ -204,15 +186,7 @@ impl TxSink for RatesStore {
     const CONSOLIDATE: bool = false;
 
     fn offsets(&mut self, topic: &str) -> Result<Offsets, StoreError> {
-        Ok(self
-            .client
-            .query(
-                "SELECT kafka_partition, next_offset FROM tally_rates_offsets WHERE topic = $1",
-                &[&topic],
-            )?
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+        Ok(load_offsets(&mut self.client, OFFSETS, topic)?)
     }
 
     fn commit(
@@ -251,9 +225,9 @@ impl TxSink for RatesStore {
             let mut copy = tx.copy_in("COPY prices (orig_code, dest_code, day, price) FROM STDIN")?;
             let mut buf = Vec::with_capacity(64 * 1024);
             for p in batch.items.iter() {
-                escape(&p.orig, &mut buf);
+                copy_field(&mut buf, Some(&p.orig));
                 buf.push(b'\t');
-                escape(&p.dest, &mut buf);
+                copy_field(&mut buf, Some(&p.dest));
                 buf.push(b'\t');
                 buf.extend_from_slice(format_day(p.day).as_bytes());
                 buf.push(b'\t');
@@ -267,13 +241,7 @@ impl TxSink for RatesStore {
             copy.write_all(&buf)?;
             rows += copy.finish()? as usize;
         }
-        for (partition, next) in offsets {
-            tx.execute(
-                "INSERT INTO tally_rates_offsets (topic, kafka_partition, next_offset) VALUES ($1, $2, $3) \
-                 ON CONFLICT (topic, kafka_partition) DO UPDATE SET next_offset = GREATEST(tally_rates_offsets.next_offset, EXCLUDED.next_offset)",
-                &[&topic, partition, next],
-            )?;
-        }
+        store_offsets(&mut tx, OFFSETS, topic, offsets)?;
         tx.commit()?;
         Ok(rows)
     }
