@@ -51,12 +51,7 @@ fn results_are_stored_once_through_replays_and_a_kill_9() {
     let broker = Broker::start();
     broker.create_topic(TOPIC, 2);
     let pg = Postgres::start();
-    let mut admin = Client::connect(&pg.url, NoTls).unwrap();
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS availability_test WITH (FORCE)")
-        .unwrap();
-    admin.batch_execute("CREATE DATABASE availability_test").unwrap();
-    let db = pg.url_of("availability_test");
+    let db = pg.database("availability_test");
     let dir = common::temp_dir("availability");
     let dead_letter = dir.join("dead-letter.jsonl");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))

@@ -391,6 +391,11 @@ fn a_reader_sees_all_of_a_batch_or_none_of_it() {
             answers
         })
     };
+    // The reader has seen the state before the batch before the batch is sent.
+    poll_until(WAIT, Duration::from_millis(5), || {
+        seen_none.load(Ordering::Relaxed).then_some(())
+    })
+    .unwrap();
     s.publish("days", &items, 100);
     wait_batch(&tally, "days", "applied");
     // Reads after the batch is visible, then stop.

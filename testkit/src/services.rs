@@ -142,8 +142,8 @@ impl Postgres {
         }
     }
 
-    /// A fresh database (dropped first if a previous run left it) holding the rates dump; its URL.
-    pub fn rates_database(&self, name: &str) -> String {
+    /// A fresh, empty database (dropped first if a previous run left it); its URL.
+    pub fn database(&self, name: &str) -> String {
         let mut admin = postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to the test PostgreSQL");
         // Two statements: a multi-statement string runs as one transaction, which DROP DATABASE refuses.
         admin
@@ -152,7 +152,12 @@ impl Postgres {
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("create the test database");
-        let url = self.url_of(name);
+        self.url_of(name)
+    }
+
+    /// A fresh database holding the rates dump; its URL.
+    pub fn rates_database(&self, name: &str) -> String {
+        let url = self.database(name);
         let out = Command::new("psql")
             .args(["-q", "-v", "ON_ERROR_STOP=1", "-f"])
             .arg(root().join("data/rates.sql"))

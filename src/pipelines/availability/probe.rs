@@ -733,17 +733,16 @@ mod tests {
         );
         assert!(hang.total_us >= 300_000);
 
-        let closed = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
+        // Bound but not listening, and held for the test: nothing else can take the port, and it refuses.
+        let held = tokio::net::TcpSocket::new_v4().expect("socket");
+        held.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let closed = held.local_addr().expect("addr").port();
         let refused = probe.check(&format!("http://127.0.0.1:{closed}/"), &expect(None)).await;
         assert_eq!(
             (refused.error_class, refused.error_phase),
             (Some(ErrorClass::ConnectRefused), Some(Phase::Connect))
         );
+        drop(held);
 
         for (host, class) in [
             ("nx.test", ErrorClass::DnsNxdomain),

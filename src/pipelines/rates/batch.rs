@@ -464,6 +464,8 @@ impl Stager {
         }
         if staged.errors > 0 {
             let summary = summary(&id, &staged.reasons, staged.errors);
+            // Counted before `/batches/{id}` says rejected, so a reader who sees the status sees the count.
+            self.metrics.count("rejected", items as u64);
             self.registry.set(
                 &id,
                 Status::Rejected {
@@ -471,7 +473,6 @@ impl Stager {
                     errors: staged.errors,
                 },
             );
-            self.metrics.count("rejected", items as u64);
             return Err(DecodeError::Invalid(summary));
         }
         let resume = self

@@ -139,10 +139,12 @@ pub fn publish_index<'s>(
                 return;
             }
             let mut index = next.unwrap_or_else(|| (*current).clone());
-            index.pairs.retain(|_, dests| {
-                dests.retain(|_, days| !days.is_empty());
-                !dests.is_empty()
-            });
+            if changed > 0 {
+                index.pairs.retain(|_, dests| {
+                    dests.retain(|_, days| !days.is_empty());
+                    !dests.is_empty()
+                });
+            }
             index.as_of = as_of;
             let body = (changed > 0).then(|| {
                 serde_json::json!({
