@@ -166,6 +166,20 @@ impl Metrics {
         }
     }
 
+    /// Registers a pipeline's own gauge on this registry.
+    pub fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        gauge(&self.registry, name, help, labels)
+    }
+
+    /// Registers a pipeline's own floating-point gauge (a ratio) on this registry.
+    pub fn float_gauge(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::GaugeVec {
+        let g = prometheus::GaugeVec::new(Opts::new(name, help), labels).expect("static metric definition is valid");
+        self.registry
+            .register(Box::new(g.clone()))
+            .expect("metric names are unique");
+        g
+    }
+
     /// Registers a pipeline's own counter (`tally_<pipeline>_<what>_total`) on this registry.
     pub fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
         counter(&self.registry, name, help, labels)

@@ -550,6 +550,7 @@ mod tests {
             path: "/".into(),
             key: "k".into(),
             key_field: None,
+            page: None,
         });
         let mut serving = serving(Limits::default());
         serving.auth_token = Some("s3cret".into());

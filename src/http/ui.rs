@@ -13,12 +13,17 @@ pub struct Ui {
     pub key: String,
     /// For a view that is an array of objects: the field holding each row's key.
     pub key_field: Option<String>,
+    /// A pipeline's own page instead of the table (static HTML that fetches its views itself).
+    pub page: Option<&'static str>,
 }
 
 impl Ui {
     /// The page, with every value from the pipeline inserted as escaped text (HTML) or as a JSON literal
     /// (script), never as markup.
     pub(crate) fn page(&self) -> String {
+        if let Some(page) = self.page {
+            return page.to_owned();
+        }
         let js = |s: &str| serde_json::to_string(s).expect("strings serialize");
         let title = self
             .title

@@ -21,3 +21,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("{text:?}: the duration must be positive"))
 }
+
+/// An epoch-milliseconds instant as RFC 3339 in UTC (`2026-12-02T07:15:59.123Z`); the number itself if it
+/// is outside what a timestamp holds.
+pub fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| ms.to_string(), |t| t.to_string())
+}

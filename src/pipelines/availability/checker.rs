@@ -76,6 +76,8 @@ pub struct CheckMessage<'a> {
     pub scheduled_at_ms: u64,
     /// `I/N` of the checker that made it.
     pub shard: String,
+    /// The site's interval, ms: its slots are `scheduled_at_ms` modulo this apart.
+    pub interval_ms: u64,
     /// What it found (`outcome` is `missed` for a slot the previous check still held).
     #[serde(flatten)]
     pub result: Outcome,
@@ -193,6 +195,7 @@ impl CheckerArgs {
                     url: &site.url,
                     scheduled_at_ms,
                     shard: shard.clone(),
+                    interval_ms: site.interval.as_millis() as u64,
                     result,
                 };
                 let payload = serde_json::to_string(&message).expect("a check result serializes");
@@ -219,6 +222,25 @@ async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(),
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
+    // A topic that exists is left as it is (and a broker without the admin API, as librdkafka's mock
+    // cluster, is never asked).
+    let admin = Arc::new(admin);
+    let (probe, name) = (admin.clone(), topic.to_owned());
+    let exists = tokio::task::spawn_blocking(move || {
+        probe
+            .inner()
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .map(|m| {
+                m.topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
+            })
+    })
+    .await
+    .map_err(|e| CheckerError::Config(format!("metadata: {e}")))??;
+    if exists {
+        return Ok(());
+    }
     let t = NewTopic::new(topic, partitions.max(1), TopicReplication::Fixed(1));
     let results = admin
         .create_topics(

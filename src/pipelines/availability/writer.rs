@@ -12,7 +12,11 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use dataflows::availability::{Check, IncidentRule, Input, Outcome};
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Concat, Input as _};
 
 use postgres::{Client, NoTls};
 use serde::{Deserialize, Serialize};
@@ -20,12 +24,15 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DecodeError, RuntimeError};
 use crate::http::Routes;
 use crate::metrics::Metrics;
+use crate::runtime::clock::rfc3339;
 use crate::runtime::{Cluster, Common, Env, OpsArgs, Pipeline, StateSize};
 use crate::sinks::postgres::{copy_field, load_offsets, offsets_ddl, store_offsets};
 use crate::sinks::{tx_sink, Offsets, TxSink};
 use crate::sources::decode::{reject_array, Decoded, Decoder, Metadata};
 use crate::sources::inserts;
 use crate::sources::kafka::{kafka_source, KafkaArgs, KafkaConfig};
+
+use super::views::{self, check_of, Views, WindowMetrics};
 
 /// `tally availability`: the flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -45,12 +52,22 @@ pub struct AvailabilityArgs {
     /// Create the tables, partitions' parent and the role `tally_availability_writer`, then exit.
     #[arg(long)]
     pub setup: bool,
+    /// No PostgreSQL: the views only, built from the topic's beginning at every start (what
+    /// `tally demo availability` runs).
+    #[arg(long, conflicts_with = "setup")]
+    pub views_only: bool,
     /// Drop day partitions entirely older than this many days before the newest result (default: keep all).
     #[arg(long, env = "TALLY_AVAILABILITY_RETENTION_DAYS")]
     pub retention_days: Option<u32>,
-    /// HTTP address for /metrics and /health.
+    /// HTTP address for /availability, /availability/incidents, /ui, /metrics and /health.
     #[arg(long, env = "TALLY_AVAILABILITY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
+    /// Consecutive failed checks that open an incident.
+    #[arg(long, env = "TALLY_AVAILABILITY_OPEN_AFTER", default_value_t = 3)]
+    pub open_after: u32,
+    /// Consecutive successful checks that close it.
+    #[arg(long, env = "TALLY_AVAILABILITY_CLOSE_AFTER", default_value_t = 2)]
+    pub close_after: u32,
     /// File where undecodable results are appended (JSON lines with topic/partition/offset and raw bytes).
     #[arg(
         long,
@@ -75,6 +92,7 @@ CREATE TABLE IF NOT EXISTS check_result (
     scheduled_at timestamptz NOT NULL,
     site_id bigint NOT NULL,
     shard text NOT NULL,
+    interval_ms bigint,
     outcome text NOT NULL CHECK (outcome IN ('up', 'down', 'missed')),
     error_class text,
     error_phase text,
@@ -97,7 +115,17 @@ DO $$ BEGIN
         CREATE ROLE tally_availability_writer LOGIN;
     END IF;
 END $$;
+CREATE TABLE IF NOT EXISTS check_rollup_hourly (
+    url text NOT NULL,
+    hour timestamptz NOT NULL,
+    up bigint NOT NULL,
+    down bigint NOT NULL,
+    missed bigint NOT NULL,
+    up_total_us bigint NOT NULL,
+    PRIMARY KEY (url, hour)
+);
 GRANT SELECT, INSERT ON check_result TO tally_availability_writer;
+GRANT SELECT, INSERT, UPDATE ON check_rollup_hourly TO tally_availability_writer;
 GRANT SELECT, INSERT, UPDATE ON tally_availability_offsets TO tally_availability_writer;
 ";
 
@@ -113,6 +141,9 @@ pub struct CheckRow {
     /// The checker's shard.
     #[serde(default)]
     pub shard: String,
+    /// The site's check interval, ms (older checkers did not say).
+    #[serde(default)]
+    pub interval_ms: Option<i64>,
     /// up, down, missed.
     pub outcome: String,
     /// Why it is down.
@@ -227,10 +258,6 @@ fn day_text(day: i32) -> String {
     dataflows::rates::format_day(day)
 }
 
-fn timestamp(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| "1970-01-01T00:00:00Z".into(), |t| t.to_string())
-}
-
 impl TxSink for CheckStore {
     type Data = CheckRow;
     type Diff = isize;
@@ -268,7 +295,7 @@ impl TxSink for CheckStore {
                 "CREATE TEMPORARY TABLE IF NOT EXISTS check_stage (LIKE check_result INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
             )?;
             let mut copy = tx.copy_in(
-                "COPY check_stage (url, scheduled_at, site_id, shard, outcome, error_class, error_phase, error, http_status, \
+                "COPY check_stage (url, scheduled_at, site_id, shard, interval_ms, outcome, error_class, error_phase, error, http_status, \
                  regex_matched, final_url, redirects, dns_us, connect_us, tls_us, ttfb_us, transfer_us, total_us, cert_not_after) FROM STDIN",
             )?;
             let mut buf = Vec::with_capacity(64 * 1024);
@@ -276,11 +303,12 @@ impl TxSink for CheckStore {
                 if *diff <= 0 {
                     continue;
                 }
-                let fields: [Option<String>; 19] = [
+                let fields: [Option<String>; 20] = [
                     Some(r.url.clone()),
-                    Some(timestamp(r.scheduled_at_ms)),
+                    Some(rfc3339(r.scheduled_at_ms)),
                     Some(r.site_id.to_string()),
                     Some(r.shard.clone()),
+                    r.interval_ms.map(|i| i.to_string()),
                     Some(r.outcome.clone()),
                     r.error_class.clone(),
                     r.error_phase.clone(),
@@ -295,7 +323,7 @@ impl TxSink for CheckStore {
                     Some(r.ttfb_us.to_string()),
                     Some(r.transfer_us.to_string()),
                     Some(r.total_us.to_string()),
-                    r.cert_not_after_ms.map(timestamp),
+                    r.cert_not_after_ms.map(rfc3339),
                 ];
                 for (i, f) in fields.iter().enumerate() {
                     if i > 0 {
@@ -311,11 +339,22 @@ impl TxSink for CheckStore {
             }
             copy.write_all(&buf)?;
             copy.finish()?;
-            rows = tx.execute(
-                "INSERT INTO check_result SELECT DISTINCT ON (url, scheduled_at) * FROM check_stage \
-                 ORDER BY url, scheduled_at ON CONFLICT (url, scheduled_at) DO NOTHING",
+            // The rows that were new (not a repeat of a stored result) also go into their hour's rollup, so
+            // the rollups count exactly what check_result holds.
+            let counted = tx.query_one(
+                "WITH inserted AS (INSERT INTO check_result SELECT DISTINCT ON (url, scheduled_at) * FROM check_stage \
+                 ORDER BY url, scheduled_at ON CONFLICT (url, scheduled_at) DO NOTHING \
+                 RETURNING url, scheduled_at, outcome, total_us), \
+                 rolled AS (INSERT INTO check_rollup_hourly AS r \
+                 SELECT url, date_trunc('hour', scheduled_at), count(*) FILTER (WHERE outcome = 'up'), \
+                 count(*) FILTER (WHERE outcome = 'down'), count(*) FILTER (WHERE outcome = 'missed'), \
+                 coalesce(sum(total_us) FILTER (WHERE outcome = 'up'), 0) FROM inserted GROUP BY 1, 2 \
+                 ON CONFLICT (url, hour) DO UPDATE SET up = r.up + EXCLUDED.up, down = r.down + EXCLUDED.down, \
+                 missed = r.missed + EXCLUDED.missed, up_total_us = r.up_total_us + EXCLUDED.up_total_us \
+                 RETURNING 1) SELECT count(*) FROM inserted",
                 &[],
-            )? as usize;
+            )?;
+            rows = counted.get::<_, i64>(0) as usize;
         }
         store_offsets(&mut tx, OFFSETS, topic, offsets)?;
         let mut dropped = Vec::new();
@@ -347,17 +386,132 @@ impl TxSink for CheckStore {
     }
 }
 
+/// What a start reads back for the views: per site the rollups of its last 7 days' hours but the last two,
+/// then the results of those two hours (enough for the 1 h window, the status and the strip), in slot
+/// order, all in one REPEATABLE READ snapshot with the offsets they are consistent with.
+pub fn reload(client: &mut Client, topic: &str) -> Result<(Offsets, Vec<Input>), WriterError> {
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()?;
+    let offsets = load_offsets(&mut tx, OFFSETS, topic)?;
+    let mut inputs = Vec::new();
+    let newest = "WITH newest AS (SELECT url, max(hour) AS hour FROM check_rollup_hourly GROUP BY url)";
+    for row in tx.query(
+        &format!(
+            "{newest} SELECT r.url, (extract(epoch FROM r.hour) / 3600)::bigint, r.up, r.down, r.missed \
+             FROM check_rollup_hourly r JOIN newest n USING (url) \
+             WHERE r.hour < n.hour - interval '1 hour' AND r.hour > n.hour - interval '168 hours' ORDER BY 1, 2"
+        ),
+        &[],
+    )? {
+        inputs.push(Input::Rollup(
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+        ));
+    }
+    let ms = |col: &str| format!("(extract(epoch FROM {col}) * 1000)::bigint");
+    for row in tx.query(
+        &format!(
+            "{newest} SELECT c.url, {}, c.interval_ms, c.outcome, c.error_class, c.error_phase, c.http_status, \
+             c.dns_us, c.connect_us, c.tls_us, c.ttfb_us, c.transfer_us, c.total_us, {} \
+             FROM check_result c JOIN newest n USING (url) WHERE c.scheduled_at >= n.hour - interval '1 hour' \
+             ORDER BY c.url, c.scheduled_at",
+            ms("c.scheduled_at"),
+            ms("c.cert_not_after")
+        ),
+        &[],
+    )? {
+        let outcome: &str = row.get(3);
+        inputs.push(Input::Check(Check {
+            url: row.get(0),
+            scheduled_at_ms: row.get(1),
+            interval_ms: row.get(2),
+            outcome: match outcome {
+                "up" => Outcome::Up,
+                "down" => Outcome::Down,
+                _ => Outcome::Missed,
+            },
+            error_class: row.get(4),
+            error_phase: row.get(5),
+            http_status: row.get(6),
+            phases_us: [
+                row.get(7),
+                row.get(8),
+                row.get(9),
+                row.get(10),
+                row.get(11),
+                row.get(12),
+            ],
+            cert_not_after_ms: row.get(13),
+        }));
+    }
+    // A site whose current run covers every reloaded result began it earlier: when, from check_result.
+    let mut runs: Vec<(String, Outcome, bool)> = Vec::new();
+    for input in &inputs {
+        let Input::Check(c) = input else { continue };
+        if c.outcome == Outcome::Missed {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((url, state, whole)) if *url == c.url => {
+                if *state != c.outcome {
+                    (*state, *whole) = (c.outcome, false);
+                }
+            }
+            _ => runs.push((c.url.clone(), c.outcome, true)),
+        }
+    }
+    let (urls, states): (Vec<String>, Vec<&str>) = runs
+        .into_iter()
+        .filter(|(_, _, whole)| *whole)
+        .map(|(url, state, _)| (url, state.as_str()))
+        .unzip();
+    if !urls.is_empty() {
+        for row in tx.query(
+            &format!(
+                "SELECT u.url, u.state, {} FROM unnest($1::text[], $2::text[]) AS u(url, state) \
+                 JOIN LATERAL (SELECT min(c.scheduled_at) AS first FROM check_result c WHERE c.url = u.url \
+                 AND c.outcome = u.state AND c.scheduled_at > coalesce((SELECT max(d.scheduled_at) FROM check_result d \
+                 WHERE d.url = u.url AND d.outcome IN ('up', 'down') AND d.outcome <> u.state), '-infinity')) f ON true \
+                 WHERE f.first IS NOT NULL",
+                ms("f.first")
+            ),
+            &[&urls, &states],
+        )? {
+            let state = if row.get::<_, &str>(1) == "up" { Outcome::Up } else { Outcome::Down };
+            inputs.push(Input::Since(row.get(0), state, row.get(2)));
+        }
+    }
+    tx.commit()?;
+    Ok((offsets, inputs))
+}
+
 /// The writer pipeline.
 pub struct AvailabilityPipeline {
     args: AvailabilityArgs,
     kafka: KafkaConfig,
+    views: Views,
+    /// What `prepare` read back, fed on worker 0.
+    reloaded: Mutex<Option<Vec<Input>>>,
+    window_metrics: Option<(Arc<Metrics>, WindowMetrics)>,
 }
 
 impl AvailabilityPipeline {
     /// The pipeline for these flags.
     pub fn new(args: AvailabilityArgs) -> Self {
         let kafka = args.kafka.config(&args.topic);
-        AvailabilityPipeline { args, kafka }
+        AvailabilityPipeline {
+            args,
+            kafka,
+            views: Views::new(),
+            reloaded: Mutex::new(None),
+            window_metrics: None,
+        }
     }
 }
 
@@ -371,7 +525,7 @@ pub fn setup(url: &str) -> Result<(), RuntimeError> {
 }
 
 impl Pipeline for AvailabilityPipeline {
-    const NAME: &'static str = "availability writer";
+    const NAME: &'static str = "availability";
 
     fn common(&self) -> Common {
         Common {
@@ -382,21 +536,50 @@ impl Pipeline for AvailabilityPipeline {
         }
     }
 
-    fn prepare(&mut self, _metrics: &Arc<Metrics>) -> Result<Routes, RuntimeError> {
+    fn prepare(&mut self, metrics: &Arc<Metrics>) -> Result<Routes, RuntimeError> {
         let config = |e: &dyn std::fmt::Display| {
             RuntimeError::Config(format!("availability: {e} (run `tally availability --setup` first)"))
         };
+        self.window_metrics = Some((metrics.clone(), WindowMetrics::register(metrics)));
+        if self.args.views_only {
+            return Ok(self.views.routes());
+        }
+        let started = std::time::Instant::now();
         let mut store = CheckStore::open(&self.args.postgres, None).map_err(|e| config(&e))?;
-        let offsets = store.offsets(&self.args.topic).map_err(|e| config(&e))?;
-        tracing::info!(resume_from = ?offsets, "availability: resuming from stored offsets");
+        let (offsets, inputs) = reload(&mut store.client, &self.args.topic).map_err(|e| config(&e))?;
+        tracing::info!(
+            resume_from = ?offsets,
+            reloaded = inputs.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "availability: resuming from stored offsets, views reloaded from rollups and the last two hours"
+        );
         self.kafka.start_offsets = offsets.into_iter().collect();
-        Ok(Routes::new())
+        *self.reloaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(inputs);
+        Ok(self.views.routes())
     }
 
     fn build(&self, worker: &mut timely::worker::Worker, env: &Env) -> Vec<StateSize> {
         let (url, retention) = (self.args.postgres.clone(), self.args.retention_days);
-        worker.dataflow_named::<u64, _, _>("availability", |scope| {
+        let (metrics, window_metrics) = self.window_metrics.clone().expect("prepare runs before build");
+        let reloaded = if worker.index() == 0 {
+            self.reloaded.lock().unwrap_or_else(|p| p.into_inner()).take()
+        } else {
+            None
+        };
+        let (mut reload_in, size) = worker.dataflow_named::<u64, _, _>("availability", |scope| {
             let source = kafka_source(scope, self.kafka.clone(), CheckDecoder, env.source());
+            let (reload_in, reloaded) = scope.new_input::<Vec<Input>>();
+            let arrived = source.data.clone().map(|r| Input::Check(check_of(&r)));
+            let size = views::build(
+                reloaded.concat(arrived),
+                self.rule(),
+                &self.views,
+                &metrics,
+                &window_metrics,
+            );
+            if self.args.views_only {
+                return (reload_in, size);
+            }
             tx_sink(
                 inserts(source.data),
                 source.progress,
@@ -404,8 +587,23 @@ impl Pipeline for AvailabilityPipeline {
                 env,
                 move || CheckStore::open(&url, retention),
             );
+            (reload_in, size)
         });
-        Vec::new()
+        // Sent after the dataflow is built: inputs fed inside the closure hold the frontier back.
+        if let Some(mut inputs) = reloaded {
+            reload_in.send_batch(&mut inputs);
+        }
+        drop(reload_in);
+        vec![size]
+    }
+}
+
+impl AvailabilityPipeline {
+    fn rule(&self) -> IncidentRule {
+        IncidentRule {
+            open_after: self.args.open_after,
+            close_after: self.args.close_after,
+        }
     }
 }
 

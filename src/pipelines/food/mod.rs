@@ -93,6 +93,7 @@ impl Pipeline for FoodPipeline {
             path: "/aggregated".into(),
             key: "food".into(),
             key_field: Some("food".into()),
+            page: None,
         }))
     }
 

@@ -9,6 +9,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::value::RawValue;
 
 use crate::http::{Reply, Request};
+use crate::runtime::clock::rfc3339;
 use crate::sources::debezium::logical::rfc3339_ms;
 
 /// Most bills one answer lists unless `limit` asks for fewer.
@@ -35,10 +36,6 @@ fn instant(text: &str) -> Option<i64> {
 /// A stored value that does not read back, as the error rusqlite would give.
 fn corrupt(column: usize, what: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, what.into())
-}
-
-fn rfc3339(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| ms.to_string(), |t| t.to_string())
 }
 
 impl Bills {

@@ -166,6 +166,7 @@ impl Pipeline for UsagePipeline {
             path: "/".into(),
             key: "organization".into(),
             key_field: None,
+            page: None,
         }))
     }
 
