@@ -162,3 +162,233 @@ fn results_are_stored_once_through_replays_and_a_kill_9() {
     assert_eq!(names, ["check_result_20210305"]);
     drop(writer);
 }
+
+// ---- The live views ----
+
+/// 30 s slots from an hour boundary (2021-03-01T00:00:00Z), three hours of them.
+const SLOT_MS: i64 = 30_000;
+const SLOTS: i64 = 360;
+
+/// What site `s` found at slot `k`: site 1 is down at 100..=106 (one incident) and missed slot 200, site 2
+/// fails every 10th check (never three in a row), site 3 is down from slot 340 on (an open incident).
+fn outcome(s: i64, k: i64) -> &'static str {
+    match s {
+        1 if (100..=106).contains(&k) => "down",
+        1 if k == 200 => "missed",
+        2 if k % 10 == 0 => "down",
+        3 if k >= 340 => "down",
+        _ => "up",
+    }
+}
+
+fn slot_result(s: i64, k: i64) -> Rec {
+    let url = format!("https://site{s}.test/");
+    let o = outcome(s, k);
+    let down = o == "down";
+    let value = serde_json::json!({
+        "site_id": s, "url": url, "scheduled_at_ms": T0 + k * SLOT_MS, "shard": "0/1", "interval_ms": SLOT_MS,
+        "outcome": o, "error_class": if down { Some(if s == 3 { "connect_refused" } else { "http_status" }) } else { None },
+        "error_phase": if down { Some("connect") } else { None }, "error": None::<String>,
+        "http_status": if o == "up" { Some(200) } else { None }, "regex_matched": None::<bool>, "final_url": url, "redirects": 0,
+        "dns_us": 10 + k, "connect_us": 100 + s, "tls_us": 0, "ttfb_us": 2_000 + 3 * k, "transfer_us": 40,
+        "total_us": 2_150 + 4 * k, "cert_not_after_ms": None::<i64>,
+    });
+    Rec {
+        partition: (s as i32) % 2,
+        key: Some(url.into_bytes()),
+        value: Some(value.to_string().into_bytes()),
+        headers: vec![],
+    }
+}
+
+/// The expected counts `[up, down, missed]` of site `s` in the slots `from..SLOTS`.
+fn counts(s: i64, from: i64) -> [i64; 3] {
+    let mut c = [0; 3];
+    for k in from..SLOTS {
+        c[match outcome(s, k) {
+            "up" => 0,
+            "down" => 1,
+            _ => 2,
+        }] += 1;
+    }
+    c
+}
+
+/// p95 of `value(k)` over the up slots of the last hour, as the views report it (nearest rank, the
+/// histogram bucket's upper bound).
+fn p95(s: i64, value: impl Fn(i64) -> i64) -> i64 {
+    let mut v: Vec<i64> = (SLOTS - 120..SLOTS)
+        .filter(|k| outcome(s, *k) == "up")
+        .map(value)
+        .collect();
+    v.sort_unstable();
+    let rank = (v.len() as i64 * 950 + 999) / 1000;
+    let x = v[(rank - 1) as usize];
+    dataflows::availability::Hist::upper(dataflows::availability::Hist::bucket(x))
+}
+
+fn setup(db: &str) {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["availability", "--setup", "--postgres", db])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits until `/availability` reflects every slot of every site and returns its body.
+fn settled(tally: &common::Tally) -> String {
+    poll_until(Duration::from_secs(90), Duration::from_millis(50), || {
+        let (status, _, body) = tally.get("/availability");
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let done = (1..=3).all(|s| {
+            v[format!("https://site{s}.test/")]["last"]["scheduled_at"] == serde_json::json!("2021-03-01T02:59:30Z")
+                && v[format!("https://site{s}.test/")]["uptime"]["7d"]["up"]
+                    .as_i64()
+                    .unwrap_or(0)
+                    + v[format!("https://site{s}.test/")]["uptime"]["7d"]["down"]
+                        .as_i64()
+                        .unwrap_or(0)
+                    + v[format!("https://site{s}.test/")]["uptime"]["7d"]["missed"]
+                        .as_i64()
+                        .unwrap_or(0)
+                    == SLOTS
+        });
+        (status == 200 && done).then_some(body)
+    })
+    .unwrap_or_else(|| panic!("the views never settled: {}", tally.get("/availability").2))
+}
+
+#[test]
+fn views_are_exact_and_the_same_bytes_after_a_replay_and_a_restart() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 2);
+    let pg = Postgres::start();
+    let dir = common::temp_dir("availability-views");
+    let dead_letter = dir.join("dead-letter.jsonl");
+    // Every result, then the second hour again (a checker that re-sent).
+    let mut records: Vec<Rec> = (0..SLOTS)
+        .flat_map(|k| (1..=3).map(move |s| slot_result(s, k)))
+        .collect();
+    records.extend((120..240).flat_map(|k| (1..=3).map(move |s| slot_result(s, k))));
+    produce(&broker, TOPIC, &records);
+
+    let run = |db: &str, workers: &str| {
+        spawn_tally(&[
+            "availability",
+            "--brokers",
+            &broker.addr,
+            "--postgres",
+            db,
+            "--dead-letter",
+            dead_letter.to_str().unwrap(),
+            "-w",
+            workers,
+        ])
+    };
+    let db = pg.database("availability_views");
+    setup(&db);
+    let tally = run(&db, "1");
+    let body = settled(&tally);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let site = |s: i64| &v[format!("https://site{s}.test/")];
+    for s in 1..=3 {
+        let [up, down, missed] = counts(s, SLOTS - 120);
+        let hour = &site(s)["uptime"]["1h"];
+        assert_eq!(
+            (hour["up"].as_i64(), hour["down"].as_i64(), hour["missed"].as_i64()),
+            (Some(up), Some(down), Some(missed)),
+            "site {s}"
+        );
+        let [up, down, missed] = counts(s, 0);
+        for w in ["24h", "7d"] {
+            let win = &site(s)["uptime"][w];
+            assert_eq!(
+                (win["up"].as_i64(), win["down"].as_i64(), win["missed"].as_i64()),
+                (Some(up), Some(down), Some(missed)),
+                "site {s} {w}"
+            );
+        }
+        assert_eq!(
+            site(s)["latency_us"]["total"]["p95"].as_i64(),
+            Some(p95(s, |k| 2_150 + 4 * k)),
+            "site {s}"
+        );
+        assert_eq!(
+            site(s)["latency_us"]["ttfb"]["p95"].as_i64(),
+            Some(p95(s, |k| 2_000 + 3 * k)),
+            "site {s}"
+        );
+        assert_eq!(site(s)["strip"].as_array().map(Vec::len), Some(50));
+    }
+    // Ratio from the integers: site 2 has 108 of 120 up in the last hour.
+    assert_eq!(site(2)["uptime"]["1h"]["ratio"].as_f64(), Some(0.9));
+    assert_eq!(site(1)["state"], "up");
+    assert_eq!(
+        site(1)["since"],
+        "2021-03-01T00:53:30Z",
+        "slot 107, the first up after the outage"
+    );
+    assert_eq!(site(2)["since"], "2021-03-01T02:55:30Z", "slot 351");
+    assert_eq!(site(3)["state"], "down");
+    assert_eq!(site(3)["since"], "2021-03-01T02:50:00Z", "slot 340");
+    assert_eq!(site(3)["last"]["error_class"], "connect_refused");
+    let (_, _, incidents) = tally.get("/availability/incidents");
+    let incidents: serde_json::Value = serde_json::from_str(&incidents).unwrap();
+    assert_eq!(
+        incidents,
+        serde_json::json!({
+            "https://site1.test/": [{"started": "2021-03-01T00:50:00Z", "ended": "2021-03-01T00:53:30Z", "open": false, "failures": 7, "error_class": "http_status"}],
+            "https://site3.test/": [{"started": "2021-03-01T02:50:00Z", "ended": null, "open": true, "failures": 20, "error_class": "connect_refused"}],
+        })
+    );
+    assert_eq!(
+        tally.metric("tally_availability_site_up{url=\"https://site3.test/\"}"),
+        0.0
+    );
+    assert_eq!(
+        tally.metric("tally_availability_site_up{url=\"https://site1.test/\"}"),
+        1.0
+    );
+    tally.wait_for_metric(
+        "tally_availability_duplicates_total{worker=\"0\"}",
+        360.0,
+        Duration::from_secs(30),
+    );
+    // The rollups count what check_result holds.
+    let mut client = Client::connect(&db, NoTls).unwrap();
+    wait_rows(&mut client, 3 * SLOTS);
+    let stored: Vec<(String, i64)> = client
+        .query("SELECT outcome, count(*) FROM check_result GROUP BY 1 ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let rolled = client
+        .query_one(
+            "SELECT sum(down)::bigint, sum(missed)::bigint, sum(up)::bigint FROM check_rollup_hourly",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("down".to_string(), rolled.get::<_, i64>(0)),
+            ("missed".into(), rolled.get(1)),
+            ("up".into(), rolled.get(2))
+        ]
+    );
+    let (incidents_before, _) = (tally.get("/availability/incidents").2, ());
+
+    // kill -9 and a restart: the views come back from the rollups and the last two hours, the same bytes.
+    tally.kill();
+    let tally = run(&db, "2");
+    assert_eq!(settled(&tally), body, "after a restart from PostgreSQL");
+    drop(tally);
+
+    // A replay of the whole topic into a new database with 3 workers: the same bytes, incidents too.
+    let db2 = pg.database("availability_views_replay");
+    setup(&db2);
+    let tally = run(&db2, "3");
+    assert_eq!(settled(&tally), body, "after a replay");
+    assert_eq!(tally.get("/availability/incidents").2, incidents_before);
+}
