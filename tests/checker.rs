@@ -134,3 +134,80 @@ fn two_shards_check_every_site_once_per_slot_on_the_grid() {
         }
     }
 }
+
+#[test]
+fn sites_from_postgres_follow_the_table_as_it_changes() {
+    let broker = Broker::start();
+    let pg = common::Postgres::start();
+    let db = pg.database("checker_sites");
+    let port = target();
+    let mut client = postgres::Client::connect(&db, postgres::NoTls).unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA monitoring; {};",
+            tally::pipelines::availability::sites::MONITOR_CONFIG_DDL
+                .replace("{table}", "monitoring.availability_monitor_config")
+        ))
+        .unwrap();
+    let url = |i: i64| format!("http://127.0.0.1:{port}/ok?site={i}");
+    for (id, active) in [(1i64, true), (2, true), (3, false)] {
+        client
+            .execute(
+                "INSERT INTO monitoring.availability_monitor_config (amc_id, amc_url, amc_active, amc_interval_s, amc_timeout_s, amc_regex) VALUES ($1, $2, $3, 1, 1, 'ok')",
+                &[&id, &url(id), &active],
+            )
+            .unwrap();
+    }
+    let mut checker = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "checker",
+                "--sites-from-postgres",
+                &db,
+                "--sites-poll",
+                "200ms",
+                "--brokers",
+                &broker.addr,
+            ])
+            .args(["--partitions", "2"])
+            .env("TALLY_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    // Sites 1 and 2 are checked; then 1 is switched off and 3 on.
+    let first = read_all(&broker, 8);
+    let ids: BTreeSet<u64> = first.iter().map(|r| r["site_id"].as_u64().unwrap()).collect();
+    assert!(ids.is_subset(&BTreeSet::from([1, 2])), "only the active rows: {ids:?}");
+    client
+        .batch_execute("UPDATE monitoring.availability_monitor_config SET amc_active = (amc_id <> 1)")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut want = first.len() + 1;
+    let all = loop {
+        let all = read_all(&broker, want);
+        want = all.len() + 1;
+        let third = all.iter().filter(|r| r["site_id"] == 3).count();
+        if third >= 3 {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "site 3 was never checked");
+    };
+    let slots = |id: u64| -> Vec<u64> {
+        all.iter()
+            .filter(|r| r["site_id"] == id)
+            .map(|r| r["scheduled_at_ms"].as_u64().unwrap())
+            .collect()
+    };
+    // Site 1 stopped at the reload that started site 3: none of its slots comes after site 3's first.
+    let three_from = *slots(3).iter().min().unwrap();
+    assert!(
+        slots(1).iter().all(|s| *s < three_from),
+        "site 1 went on: {:?} vs {three_from}",
+        slots(1)
+    );
+    assert!(
+        slots(2).iter().any(|s| *s > three_from),
+        "site 2 (unchanged) kept its task"
+    );
+    let _ = checker.0.kill();
+}

@@ -104,10 +104,14 @@ impl DemoArgs {
             sites.display()
         );
         let checker = CheckerArgs {
-            sites,
+            sites: Some(sites),
+            sites_from_postgres: None,
+            sites_table: String::new(),
+            sites_poll: Duration::from_secs(10),
             brokers: brokers.clone(),
             topic: topic.into(),
             partitions: 3,
+            no_create_topic: true,
             shard: (0, 1),
             max_redirects: 5,
             ca_files: Vec::new(),

@@ -5,6 +5,7 @@
 //! tally checker --sites sites.toml --brokers localhost:9092 [--shard 0/2]
 //! ```
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +23,27 @@ use super::sites::{self, Site};
 #[derive(clap::Args, Clone, Debug)]
 pub struct CheckerArgs {
     /// The sites file (TOML, `[[site]]` tables; see README).
-    #[arg(long, env = "TALLY_SITES")]
-    pub sites: PathBuf,
+    #[arg(
+        long,
+        env = "TALLY_SITES",
+        required_unless_present = "sites_from_postgres",
+        conflicts_with = "sites_from_postgres"
+    )]
+    pub sites: Option<PathBuf>,
+    /// Read the sites from PostgreSQL instead (spec -b's table, active rows only; re-read every
+    /// `--sites-poll`, and a site that changed, came or went is restarted, started or stopped).
+    #[arg(long, env = "TALLY_SITES_FROM_POSTGRES")]
+    pub sites_from_postgres: Option<String>,
+    /// The table `--sites-from-postgres` reads.
+    #[arg(
+        long,
+        env = "TALLY_SITES_TABLE",
+        default_value = "monitoring.availability_monitor_config"
+    )]
+    pub sites_table: String,
+    /// How often `--sites-from-postgres` is re-read.
+    #[arg(long, env = "TALLY_SITES_POLL", default_value = "10s", value_parser = crate::runtime::clock::parse_duration)]
+    pub sites_poll: Duration,
     /// Kafka bootstrap servers.
     #[arg(long, env = "TALLY_BROKERS", default_value = "localhost:9092")]
     pub brokers: String,
@@ -33,6 +53,9 @@ pub struct CheckerArgs {
     /// Partitions of the topic when tally creates it.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
+    /// Do not try to create the topic (it must exist; for brokers without the admin API).
+    #[arg(long)]
+    pub no_create_topic: bool,
     /// Check only the sites with `id mod N == I`: `I/N`. Run N checkers with 0/N .. N-1/N to cover every
     /// site exactly once.
     #[arg(long, default_value = "0/1", value_parser = parse_shard)]
@@ -97,11 +120,7 @@ pub enum CheckerError {
 impl CheckerArgs {
     /// Runs until SIGTERM (or `--count` results).
     pub fn run(self) -> Result<(), CheckerError> {
-        let sites = sites::shard(
-            sites::load(&self.sites).map_err(CheckerError::Config)?,
-            self.shard.0,
-            self.shard.1,
-        );
+        let sites = self.load_sites().map_err(CheckerError::Config)?;
         let mut pems = Vec::new();
         for f in &self.ca_files {
             pems.push(std::fs::read(f).map_err(|e| CheckerError::Config(format!("{}: {e}", f.display())))?);
@@ -125,7 +144,9 @@ impl CheckerArgs {
                 tls,
                 max_redirects: self.max_redirects,
             };
-            ensure_topic(&self.brokers, &self.topic, self.partitions).await?;
+            if !self.no_create_topic {
+                ensure_topic(&self.brokers, &self.topic, self.partitions).await?;
+            }
             let producer: FutureProducer = rdkafka::ClientConfig::new()
                 .set("bootstrap.servers", &self.brokers)
                 .set("enable.idempotence", "true")
@@ -141,14 +162,12 @@ impl CheckerArgs {
                 self.brokers
             );
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Site, Slot<Outcome>)>();
-            let stop = Arc::new(tokio::sync::Notify::new());
-            let mut tasks = Vec::new();
-            for site in sites {
-                let (probe, tx, stop) = (probe.clone(), tx.clone(), stop.clone());
-                tasks.push(tokio::spawn(async move {
+            let mut running: HashMap<u64, (String, tokio::task::JoinHandle<()>)> = HashMap::new();
+            let spawn = |site: Site| {
+                let (probe, tx) = (probe.clone(), tx.clone());
+                tokio::spawn(async move {
                     let grid = Grid::new(site.id, site.interval);
                     let s = site.clone();
-                    let emit_site = site.clone();
                     schedule::run(
                         grid,
                         || crate::runtime::clock::epoch_now(1),
@@ -157,14 +176,18 @@ impl CheckerArgs {
                             async move { probe.check(&s.url, &s.expect).await }
                         },
                         move |slot| {
-                            let _ = tx.send((emit_site.clone(), slot));
+                            let _ = tx.send((site.clone(), slot));
                         },
-                        async move { stop.notified().await },
+                        std::future::pending::<()>(),
                     )
                     .await;
-                }));
+                })
+            };
+            for site in sites {
+                running.insert(site.id, (sites::fingerprint(&site), spawn(site)));
             }
-            drop(tx);
+            let mut reload = tokio::time::interval(self.sites_poll.max(Duration::from_millis(100)));
+            reload.tick().await;
             let shard = format!("{}/{}", self.shard.0, self.shard.1);
             let mut sent = 0u64;
             let mut ticker = tokio::time::interval(Duration::from_millis(100));
@@ -173,7 +196,21 @@ impl CheckerArgs {
                     next = rx.recv() => next,
                     _ = ticker.tick() => {
                         if shutdown.load(std::sync::atomic::Ordering::Relaxed) {
-                            stop.notify_waiters();
+                            break;
+                        }
+                        continue;
+                    }
+                    _ = reload.tick(), if self.sites_from_postgres.is_some() => {
+                        let args = self.clone();
+                        match tokio::task::spawn_blocking(move || args.load_sites()).await {
+                            Ok(Ok(now)) => {
+                                let (started, stopped) = apply(&mut running, now, &spawn);
+                                if started + stopped > 0 {
+                                    tracing::info!(started, stopped, sites = running.len(), "sites reloaded");
+                                }
+                            }
+                            Ok(Err(e)) => tracing::warn!(error = %e, "sites not reloaded; the previous ones run on"),
+                            Err(e) => tracing::warn!(error = %e, "sites not reloaded"),
                         }
                         continue;
                     }
@@ -206,49 +243,73 @@ impl CheckerArgs {
                     sent += 1;
                 }
                 if self.count.is_some_and(|c| sent >= c) {
-                    stop.notify_waiters();
                     break;
                 }
             }
-            for t in tasks {
-                t.abort();
+            for (_, (_, task)) in running {
+                task.abort();
             }
             Ok(())
         })
     }
 }
 
+impl CheckerArgs {
+    /// This shard's sites, from the file or the table.
+    fn load_sites(&self) -> Result<Vec<Site>, String> {
+        let all = match (&self.sites, &self.sites_from_postgres) {
+            (_, Some(url)) => sites::from_postgres(url, &self.sites_table)?,
+            (Some(path), None) => sites::load(path)?,
+            (None, None) => return Err("give --sites FILE or --sites-from-postgres URL".into()),
+        };
+        Ok(sites::shard(all, self.shard.0, self.shard.1))
+    }
+}
+
+/// Stops the sites that went or changed and starts the ones that came or changed; returns how many of each.
+fn apply(
+    running: &mut HashMap<u64, (String, tokio::task::JoinHandle<()>)>,
+    now: Vec<Site>,
+    spawn: &impl Fn(Site) -> tokio::task::JoinHandle<()>,
+) -> (usize, usize) {
+    let wanted: HashMap<u64, String> = now.iter().map(|s| (s.id, sites::fingerprint(s))).collect();
+    let mut stopped = 0;
+    running.retain(|id, (print, task)| {
+        let keep = wanted.get(id) == Some(print);
+        if !keep {
+            task.abort();
+            stopped += 1;
+        }
+        keep
+    });
+    let mut started = 0;
+    for site in now {
+        if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(site.id) {
+            slot.insert((sites::fingerprint(&site), spawn(site)));
+            started += 1;
+        }
+    }
+    (started, stopped)
+}
+
 async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), CheckerError> {
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
-    // A topic that exists is left as it is (and a broker without the admin API, as librdkafka's mock
-    // cluster, is never asked).
-    let admin = Arc::new(admin);
-    let (probe, name) = (admin.clone(), topic.to_owned());
-    let exists = tokio::task::spawn_blocking(move || {
-        probe
-            .inner()
-            .fetch_metadata(Some(&name), Duration::from_secs(10))
-            .map(|m| {
-                m.topics()
-                    .iter()
-                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
-            })
-    })
-    .await
-    .map_err(|e| CheckerError::Config(format!("metadata: {e}")))??;
-    if exists {
-        return Ok(());
-    }
     let t = NewTopic::new(topic, partitions.max(1), TopicReplication::Fixed(1));
-    let results = admin
-        .create_topics(
-            [&t],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?;
-    for r in results {
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    // A broker without the admin API (librdkafka's mock cluster) never answers: then the topic must exist.
+    let asked = tokio::time::timeout(Duration::from_secs(15), admin.create_topics([&t], &options)).await;
+    let Ok(results) = asked else {
+        tracing::warn!(
+            topic,
+            "the broker did not answer CreateTopics in 15 s; using the topic as it is"
+        );
+        return Ok(());
+    };
+    for r in results? {
         match r {
             Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((t, e)) => return Err(CheckerError::Config(format!("creating topic {t}: {e}"))),

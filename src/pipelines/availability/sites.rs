@@ -69,45 +69,110 @@ pub fn parse(text: &str) -> Result<Vec<Site>, String> {
     let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
     let mut sites: Vec<Site> = Vec::new();
     for (i, e) in file.site.into_iter().enumerate() {
-        let at = |m: String| format!("site {} ({}): {m}", i + 1, e.url);
-        let uri: http::Uri = e.url.parse().map_err(|err| at(format!("not a URL: {err}")))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(at("expected an http:// or https:// URL with a host".into()));
+        let site = site_of(i, e)?;
+        if sites.iter().any(|s| s.id == site.id) {
+            return Err(format!("site {} ({}): id {} is used twice", i + 1, site.url, site.id));
         }
-        let duration = |v: &Option<String>, default: &str| {
-            crate::runtime::clock::parse_duration(v.as_deref().unwrap_or(default)).map_err(&at)
-        };
-        let interval = duration(&e.interval, "30s")?;
-        let timeout = duration(&e.timeout, "5s")?;
-        if timeout > interval {
-            return Err(at(format!(
-                "timeout {timeout:?} is longer than the interval {interval:?}"
-            )));
-        }
-        let regex = e
-            .regex
-            .as_deref()
-            .map(|r| regex::Regex::new(r).map_err(|err| at(format!("regex: {err}"))))
-            .transpose()?;
-        let status = e
-            .status
-            .as_deref()
-            .map(status_range)
-            .transpose()
-            .map_err(at)?
-            .unwrap_or((200, 299));
-        let id = e.id.unwrap_or(i as u64 + 1);
-        if sites.iter().any(|s| s.id == id) {
-            return Err(at(format!("id {id} is used twice")));
-        }
-        sites.push(Site {
-            id,
-            url: e.url,
-            interval,
-            expect: Expect { status, regex, timeout },
-        });
+        sites.push(site);
     }
     Ok(sites)
+}
+
+/// Entry `i` (from 0) checked into a site: its id defaults to `i + 1`.
+fn site_of(i: usize, e: Entry) -> Result<Site, String> {
+    let at = |m: String| format!("site {} ({}): {m}", i + 1, e.url);
+    let uri: http::Uri = e.url.parse().map_err(|err| at(format!("not a URL: {err}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(at("expected an http:// or https:// URL with a host".into()));
+    }
+    let duration = |v: &Option<String>, default: &str| {
+        crate::runtime::clock::parse_duration(v.as_deref().unwrap_or(default)).map_err(&at)
+    };
+    let interval = duration(&e.interval, "30s")?;
+    let timeout = duration(&e.timeout, "5s")?;
+    if timeout > interval {
+        return Err(at(format!(
+            "timeout {timeout:?} is longer than the interval {interval:?}"
+        )));
+    }
+    let regex = e
+        .regex
+        .as_deref()
+        .map(|r| regex::Regex::new(r).map_err(|err| at(format!("regex: {err}"))))
+        .transpose()?;
+    let status = e
+        .status
+        .as_deref()
+        .map(status_range)
+        .transpose()
+        .map_err(at)?
+        .unwrap_or((200, 299));
+    Ok(Site {
+        id: e.id.unwrap_or(i as u64 + 1),
+        url: e.url,
+        interval,
+        expect: Expect { status, regex, timeout },
+    })
+}
+
+/// The table of spec -b: one row per site, checked while `amc_active`. Columns besides `amc_active` are
+/// tally's reading of it (the spec names only that one): `amc_id`, `amc_url`, and optional
+/// `amc_interval_s`, `amc_timeout_s`, `amc_regex`, `amc_status` (`200-299`), defaults as in the file.
+pub const MONITOR_CONFIG_DDL: &str = "CREATE TABLE IF NOT EXISTS {table} (
+    amc_id bigint PRIMARY KEY,
+    amc_url text NOT NULL,
+    amc_active boolean NOT NULL DEFAULT true,
+    amc_interval_s integer,
+    amc_timeout_s integer,
+    amc_regex text,
+    amc_status text
+)";
+
+/// The active sites of `table` (e.g. `monitoring.availability_monitor_config`). A row that does not check
+/// is an error naming it, as in a file. Blocking: call it off an async runtime.
+pub fn from_postgres(url: &str, table: &str) -> Result<Vec<Site>, String> {
+    if !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+        return Err(format!("--sites-table {table:?}: expected schema.table"));
+    }
+    let mut client =
+        postgres::Client::connect(url, postgres::NoTls).map_err(|e| format!("sites from PostgreSQL: {e}"))?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT amc_id, amc_url, amc_interval_s, amc_timeout_s, amc_regex, amc_status FROM {table} \
+                 WHERE amc_active ORDER BY amc_id"
+            ),
+            &[],
+        )
+        .map_err(|e| format!("sites from {table}: {e}"))?;
+    let mut sites = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        let secs = |col: usize| r.get::<_, Option<i32>>(col).map(|s| format!("{s}s"));
+        let id: i64 = r.get(0);
+        let entry = Entry {
+            url: r.get(1),
+            id: Some(id.max(0) as u64),
+            interval: secs(2),
+            timeout: secs(3),
+            regex: r.get(4),
+            status: r.get(5),
+        };
+        sites.push(site_of(i, entry).map_err(|e| format!("{table} amc_id {id}: {e}"))?);
+    }
+    Ok(sites)
+}
+
+/// What makes two configurations of a site the same check (a reload restarts a site only if it changed).
+pub fn fingerprint(site: &Site) -> String {
+    format!(
+        "{}|{}|{:?}|{:?}|{:?}|{:?}",
+        site.id,
+        site.url,
+        site.interval,
+        site.expect.timeout,
+        site.expect.status,
+        site.expect.regex.as_ref().map(regex::Regex::as_str)
+    )
 }
 
 /// Reads a sites file.
