@@ -12,9 +12,10 @@
 //! checks) and its incidents follow results in `scheduled_at` order; a result older than the site's
 //! newest counts in the windows but not in the status ([`AdmitCounters::out_of_order`]).
 //!
-//! [`site_windows`] sums a site's buckets in a `reduce`: the difference type [`Stats`] carries the
+//! [`site_windows`] sums a site's minute buckets in a `reduce`: the difference type [`Stats`] carries the
 //! counts and a log-bucket histogram per phase ([`Hist`]), so the sum is exact counts and percentiles
-//! within 1/16 of an octave.
+//! within 1/16 of an octave. The hour buckets (counts only) stay in the operator, which puts their 24 h
+//! and 7 d sums into the status; status and minute-bucket changes go out once per site and batch.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -291,15 +292,6 @@ impl Multiply<isize> for Stats {
     }
 }
 
-/// A window bucket of a site.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Bucket {
-    /// Minutes since the epoch (the 1 h window, with timings).
-    Minute(i64),
-    /// Hours since the epoch (the 24 h and 7 d windows, counts only).
-    Hour(i64),
-}
-
 /// One cell of a site's strip: a check's slot, outcome and error class.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cell50 {
@@ -324,6 +316,10 @@ pub struct Status {
     pub cert: Option<(i64, i64)>,
     /// The last [`STRIP`] checks, oldest first.
     pub strip: Vec<Cell50>,
+    /// up, down, missed over the last 24 hour buckets.
+    pub day: [i64; 3],
+    /// up, down, missed over the last 168 hour buckets.
+    pub week: [i64; 3],
 }
 
 /// An outage: opened after N consecutive failures, closed after M consecutive successes.
@@ -351,9 +347,10 @@ pub struct IncidentRule {
 /// What [`admit`] puts out: window buckets (difference [`Stats`]) and statuses and incidents (difference
 /// `isize`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)] // short-lived: each lives from the window to the split below
 pub enum Admitted {
-    /// `(site, bucket)` with its change.
-    Bucket(String, Bucket, Stats),
+    /// `(site, minute since the epoch)` with its change: the 1 h window's buckets.
+    Bucket(String, i64, Stats),
     /// A site's status, added or retracted.
     Status(String, Status, isize),
     /// A site's incident, added or retracted.
@@ -413,6 +410,9 @@ impl Seen {
 
 #[derive(Default)]
 struct Site {
+    /// The status as last put out, and whether this batch changed anything it shows.
+    emitted: Option<Status>,
+    dirty: bool,
     newest: Option<i64>,
     minutes: BTreeMap<i64, Stats>,
     hours: BTreeMap<i64, (Stats, Seen)>,
@@ -457,7 +457,7 @@ pub fn admit<'s>(
                                 missed,
                                 phases: Vec::new(),
                             };
-                            site.add_hour(&url, hour, stats, &mut out);
+                            site.add_hour(hour, stats);
                         }
                         Input::Since(url, state, since) => {
                             if let Some(site) = sites.get_mut(&url) {
@@ -466,22 +466,66 @@ pub fn admit<'s>(
                         }
                     }
                 }
+                // Once per site and batch: its status, and its minute buckets' changes summed.
+                let mut minutes: HashMap<(String, i64), Stats> = HashMap::new();
+                let mut rest = Vec::new();
+                for a in out {
+                    match a {
+                        Admitted::Bucket(url, m, stats) => minutes.entry((url, m)).or_default().plus_equals(&stats),
+                        other => rest.push(other),
+                    }
+                }
+                for (url, site) in sites.iter_mut().filter(|(_, s)| s.dirty) {
+                    site.emit_status(url, &mut rest);
+                }
                 counters.sites.set(sites.len());
-                output.session(&cap).give_iterator(out.into_iter().map(|a| (a, t, 1)));
+                let buckets = minutes
+                    .into_iter()
+                    .filter(|(_, s)| !s.is_zero())
+                    .map(|((url, m), s)| Admitted::Bucket(url, m, s));
+                output
+                    .session(&cap)
+                    .give_iterator(buckets.chain(rest).map(|a| (a, t, 1)));
             });
         }
     })
 }
 
 impl Site {
-    fn add_hour(&mut self, url: &str, hour: i64, stats: Stats, out: &mut Vec<Admitted>) {
+    fn add_hour(&mut self, hour: i64, stats: Stats) {
         let newest_hour = self.newest.map(|n| n.div_euclid(HOUR_MS));
         if newest_hour.is_some_and(|h| hour <= h - HOURS) {
             return;
         }
         let entry = self.hours.entry(hour).or_default();
         entry.0.plus_equals(&stats);
-        out.push(Admitted::Bucket(url.to_owned(), Bucket::Hour(hour), stats));
+        self.dirty = true;
+    }
+
+    /// Puts out the status if the batch changed it, with the 24 h and 7 d counts from the hour buckets.
+    fn emit_status(&mut self, url: &str, out: &mut Vec<Admitted>) {
+        self.dirty = false;
+        let Some(status) = self.status.as_mut() else { return };
+        let newest_hour = self.newest.map_or(0, |n| n.div_euclid(HOUR_MS));
+        let (mut day, mut week) = ([0; 3], [0; 3]);
+        for (h, (s, _)) in self.hours.range(newest_hour - HOURS + 1..) {
+            let c = [s.up, s.down, s.missed];
+            for i in 0..3 {
+                week[i] += c[i];
+                if *h > newest_hour - 24 {
+                    day[i] += c[i];
+                }
+            }
+        }
+        (status.day, status.week) = (day, week);
+        if self.emitted.as_ref() == Some(status) {
+            return;
+        }
+        if let Some(old) = self.emitted.take() {
+            out.push(Admitted::Status(url.to_owned(), old, -1));
+        }
+        out.push(Admitted::Status(url.to_owned(), status.clone(), 1));
+        self.emitted = Some(status.clone());
     }
 
     fn since(&mut self, url: &str, state: Outcome, since: i64, out: &mut Vec<Admitted>) {
@@ -501,9 +545,8 @@ impl Site {
             out.push(Admitted::Incident(url.to_owned(), moved.clone(), 1));
             self.open = Some(moved);
         }
-        out.push(Admitted::Status(url.to_owned(), old.clone(), -1));
-        out.push(Admitted::Status(url.to_owned(), new.clone(), 1));
         self.status = Some(new);
+        self.dirty = true;
     }
 
     fn check(&mut self, check: Check, rule: IncidentRule, counters: &AdmitCounters, out: &mut Vec<Admitted>) {
@@ -519,14 +562,13 @@ impl Site {
             return;
         }
         let url = check.url.clone();
-        let counts = Stats::of(&check, false);
-        stats.plus_equals(&counts);
-        out.push(Admitted::Bucket(url.clone(), Bucket::Hour(hour), counts));
+        stats.plus_equals(&Stats::of(&check, false));
+        self.dirty = true;
         let newest_minute = self.newest.map(|n| n.div_euclid(MINUTE_MS));
         if newest_minute.is_none_or(|m| minute > m - MINUTES) {
             let timed = Stats::of(&check, true);
             self.minutes.entry(minute).or_default().plus_equals(&timed);
-            out.push(Admitted::Bucket(url.clone(), Bucket::Minute(minute), timed));
+            out.push(Admitted::Bucket(url.clone(), minute, timed));
         }
         if self.newest.is_some_and(|n| at < n) {
             counters.out_of_order.set(counters.out_of_order.get() + 1);
@@ -537,13 +579,9 @@ impl Site {
         let keep_minutes = self.minutes.split_off(&(minute - MINUTES + 1));
         for (m, mut sum) in std::mem::replace(&mut self.minutes, keep_minutes) {
             sum.negate();
-            out.push(Admitted::Bucket(url.clone(), Bucket::Minute(m), sum));
+            out.push(Admitted::Bucket(url.clone(), m, sum));
         }
-        let keep_hours = self.hours.split_off(&(hour - HOURS + 1));
-        for (h, (mut sum, _)) in std::mem::replace(&mut self.hours, keep_hours) {
-            sum.negate();
-            out.push(Admitted::Bucket(url.clone(), Bucket::Hour(h), sum));
-        }
+        self.hours = self.hours.split_off(&(hour - HOURS + 1));
         self.follow(check, rule, out);
     }
 
@@ -570,18 +608,16 @@ impl Site {
             .cert_not_after_ms
             .map(|c| (c, at))
             .or(old.as_ref().and_then(|s| s.cert));
-        let new = Status {
+        let (day, week) = old.as_ref().map_or(([0; 3], [0; 3]), |s| (s.day, s.week));
+        self.status = Some(Status {
             state,
             since_ms: since,
             last: check.clone(),
             cert,
             strip,
-        };
-        if let Some(old) = old {
-            out.push(Admitted::Status(url.clone(), old, -1));
-        }
-        out.push(Admitted::Status(url.clone(), new.clone(), 1));
-        self.status = Some(new);
+            day,
+            week,
+        });
 
         // Incidents, over up and down results in slot order.
         if check.outcome == Outcome::Missed {
@@ -650,7 +686,7 @@ impl Site {
 /// The window buckets of [`admit`]'s output, as a collection with [`Stats`] differences.
 pub fn buckets<'s>(
     admitted: &Stream<'s, u64, Vec<(Admitted, u64, isize)>>,
-) -> VecCollection<'s, u64, (String, Bucket), Stats> {
+) -> VecCollection<'s, u64, (String, i64), Stats> {
     admitted
         .clone()
         .flat_map(|(a, t, _)| match a {
@@ -695,63 +731,41 @@ pub fn incidents<'s>(
         })
 }
 
-/// A site's windows: exact counts per window and the 1 h percentiles per phase.
+/// A site's last hour: exact counts and the percentiles per phase (the 24 h and 7 d counts are in its
+/// [`Status`]).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Windows {
-    /// 1 h (the last 60 minute buckets), 24 h and 7 d (the last 24 and 168 hour buckets): up, down, missed.
-    pub counts: [[i64; 3]; 3],
-    /// Per phase of [`PHASES`], p50, p95, p99 in µs of the `up` results in the 1 h window.
+    /// up, down, missed in the last 60 minute buckets.
+    pub hour: [i64; 3],
+    /// Per phase of [`PHASES`], p50, p95, p99 in µs of the `up` results in them.
     pub percentiles: Vec<[i64; 3]>,
-    /// The 1 h window's first minute (epoch ms).
+    /// The window's first minute (epoch ms).
     pub from_ms: i64,
 }
 
-/// Sums each site's buckets into its [`Windows`].
+/// Sums each site's minute buckets into its [`Windows`].
 pub fn site_windows<'s>(
-    buckets: VecCollection<'s, u64, (String, Bucket), Stats>,
+    buckets: VecCollection<'s, u64, (String, i64), Stats>,
 ) -> VecCollection<'s, u64, (String, Windows), isize> {
     buckets.reduce(|_url, input, output| {
-        let newest_minute = input.iter().filter_map(|(b, _)| match b {
-            Bucket::Minute(m) => Some(*m),
-            Bucket::Hour(_) => None,
-        });
-        let newest_minute = newest_minute.max();
-        let newest_hour = input
-            .iter()
-            .filter_map(|(b, _)| match b {
-                Bucket::Hour(h) => Some(*h),
-                Bucket::Minute(_) => None,
-            })
-            .max()
-            .unwrap_or(i64::MIN / 2);
-        let mut w = [Stats::default(), Stats::default(), Stats::default()];
-        for (bucket, stats) in input {
-            match bucket {
-                Bucket::Minute(m) if newest_minute.is_some_and(|n| *m > n - MINUTES) => w[0].plus_equals(stats),
-                Bucket::Hour(h) => {
-                    if *h > newest_hour - 24 {
-                        w[1].plus_equals(stats);
-                    }
-                    if *h > newest_hour - HOURS {
-                        w[2].plus_equals(stats);
-                    }
-                }
-                Bucket::Minute(_) => {}
+        let newest = input.iter().map(|(m, _)| **m).max().unwrap_or(0);
+        let mut w = Stats::default();
+        for (minute, stats) in input {
+            if **minute > newest - MINUTES {
+                w.plus_equals(stats);
             }
         }
-        let counts = [0, 1, 2].map(|i| [w[i].up, w[i].down, w[i].missed]);
         let percentiles = (0..PHASES.len())
             .map(|p| {
-                let h = w[0].phases.get(p).cloned().unwrap_or_default();
+                let h = w.phases.get(p).cloned().unwrap_or_default();
                 [500, 950, 990].map(|q| h.quantile(q).unwrap_or(0))
             })
             .collect();
-        let from_ms = newest_minute.map_or(0, |n| (n - MINUTES + 1) * MINUTE_MS);
         output.push((
             Windows {
-                counts,
+                hour: [w.up, w.down, w.missed],
                 percentiles,
-                from_ms,
+                from_ms: (newest - MINUTES + 1) * MINUTE_MS,
             },
             1,
         ));
@@ -833,30 +847,21 @@ mod tests {
         views
     }
 
-    fn windows_of(views: &Views, url: &str) -> Windows {
-        // The counts, read back from the windows' text.
-        let text = &views[&format!("w {url}")];
-        let counts = text
-            .split("counts: ")
-            .nth(1)
-            .unwrap()
-            .split(", percentiles")
-            .next()
-            .unwrap();
-        let nums: Vec<i64> = counts
-            .split(|c: char| !c.is_ascii_digit() && c != '-')
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().unwrap())
-            .collect();
-        Windows {
-            counts: [
-                [nums[0], nums[1], nums[2]],
-                [nums[3], nums[4], nums[5]],
-                [nums[6], nums[7], nums[8]],
-            ],
-            percentiles: Vec::new(),
-            from_ms: 0,
-        }
+    /// The counts `[1 h, 24 h, 7 d]` of a site, read back from the views' text.
+    fn windows_of(views: &Views, url: &str) -> [[i64; 3]; 3] {
+        let nums = |text: &str, field: &str| -> [i64; 3] {
+            let part = text
+                .split(&format!("{field}: ["))
+                .nth(1)
+                .unwrap()
+                .split(']')
+                .next()
+                .unwrap();
+            let v: Vec<i64> = part.split(", ").map(|n| n.parse().unwrap()).collect();
+            [v[0], v[1], v[2]]
+        };
+        let (w, s) = (&views[&format!("w {url}")], &views[&format!("s {url}")]);
+        [nums(w, "hour"), nums(s, "day"), nums(s, "week")]
     }
 
     const T0: i64 = 1_790_000_000_000 / HOUR_MS * HOUR_MS; // an hour boundary
@@ -878,18 +883,18 @@ mod tests {
         let views = run(all.chunks(7).map(<[Input]>::to_vec).collect(), 1);
         let w = windows_of(&views, "a");
         // 1 h: the last 60 minutes = slots 240..360 (120 checks, 12 down).
-        assert_eq!(w.counts[0], [108, 12, 0]);
+        assert_eq!(w[0], [108, 12, 0]);
         // 24 h and 7 d: all three hours.
-        assert_eq!(w.counts[1], [324, 36, 0]);
-        assert_eq!(w.counts[2], [324, 36, 0]);
+        assert_eq!(w[1], [324, 36, 0]);
+        assert_eq!(w[2], [324, 36, 0]);
         // 25 hours later one more check: the 24 h window holds only its hour; the 7 d window all.
         let mut later = all.clone();
         later.push(Input::Check(check("a", T0 + 27 * HOUR_MS, Outcome::Up, 5)));
         let views = run(vec![later], 1);
         let w = windows_of(&views, "a");
-        assert_eq!(w.counts[0], [1, 0, 0]);
-        assert_eq!(w.counts[1], [1, 0, 0]);
-        assert_eq!(w.counts[2], [325, 36, 0]);
+        assert_eq!(w[0], [1, 0, 0]);
+        assert_eq!(w[1], [1, 0, 0]);
+        assert_eq!(w[2], [325, 36, 0]);
     }
 
     #[test]

@@ -209,7 +209,7 @@ fn site_member(key: &(String, SiteView), _: &isize) -> String {
     let last = &s.last;
     let uptime: Vec<String> = WINDOWS
         .iter()
-        .zip(&w.counts)
+        .zip(&[w.hour, s.day, s.week])
         .map(|(name, [up, down, missed])| {
             format!(
                 "\"{name}\":{{\"up\":{up},\"down\":{down},\"missed\":{missed},\"ratio\":{}}}",
@@ -218,7 +218,7 @@ fn site_member(key: &(String, SiteView), _: &isize) -> String {
         })
         .collect();
     // Percentiles of the up checks of the last hour; null without one.
-    let timed = w.counts[0][0] > 0;
+    let timed = w.hour[0] > 0;
     let latency: Vec<String> = PHASES
         .iter()
         .zip(&w.percentiles)
@@ -341,14 +341,14 @@ fn site_gauges(sites: VecCollection<'_, u64, (String, SiteView), isize>, gauges:
                     Outcome::Down => up.with_label_values(&[&url]).set(0),
                     Outcome::Missed => {}
                 }
-                for (window, [u, d, _]) in WINDOWS.iter().zip(&w.counts) {
+                for (window, [u, d, _]) in WINDOWS.iter().zip(&[w.hour, s.day, s.week]) {
                     if u + d > 0 {
                         uptime
                             .with_label_values(&[url.as_str(), window])
                             .set(*u as f64 / (*u + *d) as f64);
                     }
                 }
-                for (phase, values) in PHASES.iter().zip(&w.percentiles).filter(|_| w.counts[0][0] > 0) {
+                for (phase, values) in PHASES.iter().zip(&w.percentiles).filter(|_| w.hour[0] > 0) {
                     for (q, v) in QUANTILES.iter().zip(values) {
                         latency.with_label_values(&[url.as_str(), phase, q]).set(*v);
                     }
