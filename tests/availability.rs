@@ -332,14 +332,14 @@ fn views_are_exact_and_the_same_bytes_after_a_replay_and_a_restart() {
     assert_eq!(site(3)["state"], "down");
     assert_eq!(site(3)["since"], "2021-03-01T02:50:00Z", "slot 340");
     assert_eq!(site(3)["last"]["error_class"], "connect_refused");
-    let (_, _, incidents) = tally.get("/availability/incidents");
-    let incidents: serde_json::Value = serde_json::from_str(&incidents).unwrap();
-    assert_eq!(
-        incidents,
-        serde_json::json!({
+    // The incidents view publishes on its own: wait for it rather than read it once.
+    tally.wait_for_json(
+        "/availability/incidents",
+        &serde_json::json!({
             "https://site1.test/": [{"started": "2021-03-01T00:50:00Z", "ended": "2021-03-01T00:53:30Z", "open": false, "failures": 7, "error_class": "http_status"}],
             "https://site3.test/": [{"started": "2021-03-01T02:50:00Z", "ended": null, "open": true, "failures": 20, "error_class": "connect_refused"}],
-        })
+        }),
+        Duration::from_secs(30),
     );
     assert_eq!(
         tally.metric("tally_availability_site_up{url=\"https://site3.test/\"}"),
@@ -390,5 +390,7 @@ fn views_are_exact_and_the_same_bytes_after_a_replay_and_a_restart() {
     setup(&db2);
     let tally = run(&db2, "3");
     assert_eq!(settled(&tally), body, "after a replay");
-    assert_eq!(tally.get("/availability/incidents").2, incidents_before);
+    let expected: serde_json::Value = serde_json::from_str(&incidents_before).unwrap();
+    let replayed = tally.wait_for_json("/availability/incidents", &expected, Duration::from_secs(30));
+    assert_eq!(replayed, incidents_before, "the same bytes");
 }

@@ -437,6 +437,7 @@ pub fn admit<'s>(
         hasher.hash_one(url)
     };
     let mut sites: HashMap<String, Site> = HashMap::new();
+    let mut touched: Vec<String> = Vec::new();
     input.unary(Exchange::new(route), "AvailabilityWindow", move |_cap, _info| {
         move |input, output| {
             input.for_each(|cap, data| {
@@ -446,10 +447,12 @@ pub fn admit<'s>(
                 for item in data.drain(..) {
                     match item {
                         Input::Check(check) => {
+                            touched.push(check.url.clone());
                             let site = sites.entry(check.url.clone()).or_default();
                             site.check(check, rule, &counters, &mut out);
                         }
                         Input::Rollup(url, hour, up, down, missed) => {
+                            touched.push(url.clone());
                             let site = sites.entry(url.clone()).or_default();
                             let stats = Stats {
                                 up,
@@ -460,6 +463,7 @@ pub fn admit<'s>(
                             site.add_hour(hour, stats);
                         }
                         Input::Since(url, state, since) => {
+                            touched.push(url.clone());
                             if let Some(site) = sites.get_mut(&url) {
                                 site.since(&url, state, since, &mut out);
                             }
@@ -475,8 +479,13 @@ pub fn admit<'s>(
                         other => rest.push(other),
                     }
                 }
-                for (url, site) in sites.iter_mut().filter(|(_, s)| s.dirty) {
-                    site.emit_status(url, &mut rest);
+                // Only the sites this batch touched, not every site held.
+                touched.sort_unstable();
+                touched.dedup();
+                for url in touched.drain(..) {
+                    if let Some(site) = sites.get_mut(&url).filter(|s| s.dirty) {
+                        site.emit_status(&url, &mut rest);
+                    }
                 }
                 counters.sites.set(sites.len());
                 let buckets = minutes
