@@ -18,6 +18,8 @@ pub struct Metrics {
     pub http_accept_errors: prometheus::IntCounter,
     pub kafka_errors: IntCounterVec,
     pub lag: IntGaugeVec,
+    pub in_flight: IntGaugeVec,
+    pub flow_paused: IntCounterVec,
     pub record_age: HistogramVec,
     pub publish_delay: HistogramVec,
     pub view_as_of: IntGaugeVec,
@@ -117,6 +119,18 @@ impl Metrics {
                 "tally_source_lag_messages",
                 "High watermark minus next offset to read",
                 &["topic", "partition"],
+            ),
+            in_flight: gauge(
+                &r,
+                "tally_source_in_flight_records",
+                "Records read whose timestamp the dataflow has not finished (bounded by --max-in-flight)",
+                &["topic", "worker"],
+            ),
+            flow_paused: counter(
+                &r,
+                "tally_source_flow_paused_total",
+                "Source steps that read nothing because --max-in-flight records were still in the dataflow",
+                &["topic", "worker"],
             ),
             record_age: histogram(
                 &r,

@@ -3,19 +3,25 @@
 //!
 //! [`admit`] is the window. It is exchanged by site and, per site, anchored to the latest `scheduled_at`
 //! it has seen (the data's time, never the wall clock). A result adds its [`Stats`] to its minute bucket
-//! and its hour bucket; when the anchor moves, a minute bucket that leaves the last 60 minutes and an hour
-//! bucket that leaves the last 168 hours are retracted as a whole (the operator keeps each bucket's sum
-//! for that). A repeat of a result (same site and `scheduled_at`) is recognised for as long as its hour
-//! bucket is in the window and counted once. Because a bucket's content is a set of results and the
-//! anchor is a maximum, the buckets are the same whatever order results arrive in, so a replay gives the
-//! same windows. The site's status (state and since when, the last result, the strip of the last 50
-//! checks) and its incidents follow results in `scheduled_at` order; a result older than the site's
-//! newest counts in the windows but not in the status ([`AdmitCounters::out_of_order`]).
+//! and its hour's counts; when the anchor moves, a minute bucket that leaves the last 60 minutes is
+//! retracted as a whole (the operator keeps each bucket's sum for that) and an hour that leaves the last
+//! 168 is dropped from the site's ring of hours. A repeat of a result (same site and `scheduled_at`) is
+//! recognised for as long as its hour is in the window and counted once. Because a bucket's content is a
+//! set of results and the anchor is a maximum, the windows are the same whatever order results arrive
+//! in, so a replay gives the same views. The site's status (state and since when, the last result, the
+//! strip of the last 50 checks, the 24 h and 7 d counts) and its incidents follow results in
+//! `scheduled_at` order; a result older than the site's newest counts in the windows but not in the
+//! status ([`AdmitCounters::out_of_order`]).
 //!
-//! [`site_windows`] sums a site's minute buckets in a `reduce`: the difference type [`Stats`] carries the
-//! counts and a log-bucket histogram per phase ([`Hist`]), so the sum is exact counts and percentiles
-//! within 1/16 of an octave. The hour buckets (counts only) stay in the operator, which puts their 24 h
-//! and 7 d sums into the status; status and minute-bucket changes go out once per site and batch.
+//! The 1 h window leaves [`admit`] as a collection keyed by site whose difference type is [`Stats`]:
+//! counts and a log-bucket histogram per phase ([`Hist`]). A result is added at its time and a bucket
+//! retracted when it leaves, so a site's accumulated difference is its window, exact counts and
+//! percentiles within 1/16 of an octave; [`site_windows`] reads it out in a `reduce` over one value per
+//! key. A site's changes go out once per batch; [`split`] hands each kind to its one consumer.
+//!
+//! Per site the operator holds a fixed amount: 168 hours of 40 bytes (counts and a bitmap of the slots
+//! counted), 60 minute buckets at most, and a status whose strip has room for 50 cells of 16 bytes from
+//! its first result.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -27,7 +33,7 @@ use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::vec::{Map, Partition};
 use timely::dataflow::Stream;
 
 /// The phases timed per check, in the order of [`Check::phases_us`].
@@ -292,15 +298,62 @@ impl Multiply<isize> for Stats {
     }
 }
 
-/// One cell of a site's strip: a check's slot, outcome and error class.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// The error classes a checker reports (`tally checker`'s fixed list), so a strip cell holds one byte.
+pub const ERROR_CLASSES: [&str; 17] = [
+    "dns_nxdomain",
+    "dns_no_answer",
+    "dns_timeout",
+    "dns_error",
+    "connect_refused",
+    "connect_timeout",
+    "connect_error",
+    "tls_untrusted",
+    "tls_expired",
+    "tls_hostname",
+    "tls_error",
+    "timeout",
+    "http_status",
+    "http_protocol",
+    "body_mismatch",
+    "too_many_redirects",
+    "bad_url",
+];
+
+/// One cell of a site's strip: a check's slot, outcome and error class, in 16 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cell50 {
     /// The slot, epoch ms.
     pub scheduled_at_ms: i64,
     /// What it found.
     pub outcome: Outcome,
-    /// Why it was down.
-    pub error_class: Option<String>,
+    /// Its error class: 0 none, `1 + i` for [`ERROR_CLASSES`]`[i]`, 255 one not on the list.
+    pub class: u8,
+}
+
+impl Cell50 {
+    /// The cell of a result with this error class.
+    pub fn new(scheduled_at_ms: i64, outcome: Outcome, error_class: Option<&str>) -> Cell50 {
+        let class = match error_class {
+            None => 0,
+            Some(c) => ERROR_CLASSES
+                .iter()
+                .position(|known| *known == c)
+                .map_or(255, |i| i as u8 + 1),
+        };
+        Cell50 {
+            scheduled_at_ms,
+            outcome,
+            class,
+        }
+    }
+
+    /// The error class's name (`other` for one not on the list).
+    pub fn error_class(&self) -> Option<&'static str> {
+        match self.class {
+            0 => None,
+            c => Some(ERROR_CLASSES.get(usize::from(c) - 1).copied().unwrap_or("other")),
+        }
+    }
 }
 
 /// A site's status after its newest result.
@@ -315,7 +368,7 @@ pub struct Status {
     /// The newest certificate expiry seen and the slot it was seen at.
     pub cert: Option<(i64, i64)>,
     /// The last [`STRIP`] checks, oldest first.
-    pub strip: Vec<Cell50>,
+    pub strip: VecDeque<Cell50>,
     /// up, down, missed over the last 24 hour buckets.
     pub day: [i64; 3],
     /// up, down, missed over the last 168 hour buckets.
@@ -349,8 +402,8 @@ pub struct IncidentRule {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[allow(clippy::large_enum_variant)] // short-lived: each lives from the window to the split below
 pub enum Admitted {
-    /// `(site, minute since the epoch)` with its change: the 1 h window's buckets.
-    Bucket(String, i64, Stats),
+    /// A site's 1 h window's change: results added, and minute buckets that left it retracted.
+    Window(String, Stats),
     /// A site's status, added or retracted.
     Status(String, Status, isize),
     /// A site's incident, added or retracted.
@@ -370,38 +423,68 @@ pub struct AdmitCounters {
     pub sites: Rc<Cell<usize>>,
 }
 
-/// Which slots of an hour bucket were counted: a bitmap over the site's slot grid, plus a sorted list of
-/// slots off it.
-#[derive(Default)]
-struct Seen {
-    grid: Option<(i64, i64)>,
+/// One hour of a site's 7 d window, in a ring of [`HOURS`] allocated at the site's first result (so a
+/// site's memory is the same after an hour as after a week): the hour's counts and which of its slots
+/// were counted (a bitmap over the site's slot grid, inline for up to 128 slots an hour, that is
+/// intervals from 28.2 s; finer grids and slots off the grid spill to the heap).
+#[derive(Clone, Default)]
+struct Hour {
+    /// Hours since the epoch; `i32::MIN` while the slot is empty.
+    hour: i32,
+    /// up, down, missed.
+    counts: [u32; 3],
+    seen: u128,
+    more: Option<Box<MoreSeen>>,
+}
+
+#[derive(Clone, Default)]
+struct MoreSeen {
+    /// Grid slots from 128 on, 64 per word.
     bits: Vec<u64>,
+    /// Slots off the grid, sorted.
     off_grid: Vec<i64>,
 }
 
-impl Seen {
-    /// Marks `at`; false if it was already marked.
-    fn insert(&mut self, hour_start: i64, at: i64, interval: Option<i64>) -> bool {
-        let interval = interval.filter(|i| *i > 0);
-        if self.grid.is_none() && self.bits.is_empty() {
-            self.grid = interval.map(|i| (i, at.rem_euclid(i)));
+impl Hour {
+    fn empty() -> Hour {
+        Hour {
+            hour: i32::MIN,
+            ..Hour::default()
         }
-        if let (Some((i, phase)), Some(mine)) = (self.grid, interval) {
+    }
+
+    fn add(&mut self, up: i64, down: i64, missed: i64) {
+        for (c, n) in self.counts.iter_mut().zip([up, down, missed]) {
+            *c = c.saturating_add_signed(n.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32);
+        }
+    }
+
+    /// Marks the result at `at` (with the site's `grid`: interval and phase); false if it was marked.
+    fn mark(&mut self, grid: Option<(i64, i64)>, at: i64, interval: Option<i64>) -> bool {
+        let hour_start = i64::from(self.hour) * HOUR_MS;
+        if let (Some((i, phase)), Some(mine)) = (grid, interval) {
             if mine == i && at.rem_euclid(i) == phase {
                 let slot = ((at - hour_start) / i) as usize;
-                let (word, bit) = (slot / 64, slot % 64);
-                if self.bits.len() <= word {
-                    self.bits.resize(word + 1, 0);
+                if slot < 128 {
+                    let was = self.seen & (1 << slot) != 0;
+                    self.seen |= 1 << slot;
+                    return !was;
                 }
-                let was = self.bits[word] & (1 << bit) != 0;
-                self.bits[word] |= 1 << bit;
+                let more = self.more.get_or_insert_with(Box::default);
+                let (word, bit) = ((slot - 128) / 64, (slot - 128) % 64);
+                if more.bits.len() <= word {
+                    more.bits.resize(word + 1, 0);
+                }
+                let was = more.bits[word] & (1 << bit) != 0;
+                more.bits[word] |= 1 << bit;
                 return !was;
             }
         }
-        match self.off_grid.binary_search(&at) {
+        let more = self.more.get_or_insert_with(Box::default);
+        match more.off_grid.binary_search(&at) {
             Ok(_) => false,
             Err(i) => {
-                self.off_grid.insert(i, at);
+                more.off_grid.insert(i, at);
                 true
             }
         }
@@ -415,7 +498,12 @@ struct Site {
     dirty: bool,
     newest: Option<i64>,
     minutes: BTreeMap<i64, Stats>,
-    hours: BTreeMap<i64, (Stats, Seen)>,
+    /// The 1 h window's change in this batch, put out with the status.
+    delta: Stats,
+    /// The 7 d window's hours, slot `hour % HOURS` (empty until the first result).
+    hours: Vec<Hour>,
+    /// The slot grid of the site's results: its interval and phase, from the first result that had one.
+    grid: Option<(i64, i64)>,
     status: Option<Status>,
     run: u32,
     open: Option<Incident>,
@@ -445,84 +533,90 @@ pub fn admit<'s>(
                 let t = *cap.time();
                 let mut out = Vec::new();
                 for item in data.drain(..) {
+                    let url = match &item {
+                        Input::Check(c) => &c.url,
+                        Input::Rollup(url, ..) | Input::Since(url, ..) => url,
+                    };
+                    if !sites.contains_key(url) {
+                        if matches!(item, Input::Since(..)) {
+                            continue;
+                        }
+                        sites.insert(url.clone(), Site::default());
+                    }
+                    let Some(site) = sites.get_mut(url) else { continue };
+                    // A site goes on the list when the batch first changes it, so it is there once.
+                    if !site.dirty {
+                        touched.push(url.clone());
+                    }
                     match item {
-                        Input::Check(check) => {
-                            touched.push(check.url.clone());
-                            let site = sites.entry(check.url.clone()).or_default();
-                            site.check(check, rule, &counters, &mut out);
-                        }
-                        Input::Rollup(url, hour, up, down, missed) => {
-                            touched.push(url.clone());
-                            let site = sites.entry(url.clone()).or_default();
-                            let stats = Stats {
-                                up,
-                                down,
-                                missed,
-                                phases: Vec::new(),
-                            };
-                            site.add_hour(hour, stats);
-                        }
-                        Input::Since(url, state, since) => {
-                            touched.push(url.clone());
-                            if let Some(site) = sites.get_mut(&url) {
-                                site.since(&url, state, since, &mut out);
-                            }
-                        }
+                        Input::Check(check) => site.check(check, rule, &counters, &mut out),
+                        Input::Rollup(_, hour, up, down, missed) => site.add_hour(hour, up, down, missed),
+                        Input::Since(url, state, since) => site.since(&url, state, since, &mut out),
                     }
                 }
-                // Once per site and batch: its status, and its minute buckets' changes summed.
-                let mut minutes: HashMap<(String, i64), Stats> = HashMap::new();
-                let mut rest = Vec::new();
-                for a in out {
-                    match a {
-                        Admitted::Bucket(url, m, stats) => minutes.entry((url, m)).or_default().plus_equals(&stats),
-                        other => rest.push(other),
-                    }
-                }
-                // Only the sites this batch touched, not every site held.
-                touched.sort_unstable();
-                touched.dedup();
+                // Once per site and batch, only for the sites this batch touched: its status, and its
+                // minute buckets' changes summed.
                 for url in touched.drain(..) {
                     if let Some(site) = sites.get_mut(&url).filter(|s| s.dirty) {
-                        site.emit_status(&url, &mut rest);
+                        site.emit(&url, &mut out);
                     }
                 }
                 counters.sites.set(sites.len());
-                let buckets = minutes
-                    .into_iter()
-                    .filter(|(_, s)| !s.is_zero())
-                    .map(|((url, m), s)| Admitted::Bucket(url, m, s));
-                output
-                    .session(&cap)
-                    .give_iterator(buckets.chain(rest).map(|a| (a, t, 1)));
+                output.session(&cap).give_iterator(out.into_iter().map(|a| (a, t, 1)));
             });
         }
     })
 }
 
 impl Site {
-    fn add_hour(&mut self, hour: i64, stats: Stats) {
+    /// The ring slot of `hour`, emptied if it held an older hour; `None` if it holds a newer one (then
+    /// `hour` is out of the 7 d window).
+    fn hour_slot(&mut self, hour: i64) -> Option<&mut Hour> {
+        if self.hours.is_empty() {
+            self.hours = vec![Hour::empty(); HOURS as usize];
+        }
+        let hour = i32::try_from(hour).ok()?;
+        let slot = &mut self.hours[i64::from(hour).rem_euclid(HOURS) as usize];
+        if slot.hour > hour {
+            return None;
+        }
+        if slot.hour < hour {
+            *slot = Hour {
+                hour,
+                ..Hour::default()
+            };
+        }
+        Some(slot)
+    }
+
+    fn add_hour(&mut self, hour: i64, up: i64, down: i64, missed: i64) {
         let newest_hour = self.newest.map(|n| n.div_euclid(HOUR_MS));
         if newest_hour.is_some_and(|h| hour <= h - HOURS) {
             return;
         }
-        let entry = self.hours.entry(hour).or_default();
-        entry.0.plus_equals(&stats);
-        self.dirty = true;
+        if let Some(slot) = self.hour_slot(hour) {
+            slot.add(up, down, missed);
+            self.dirty = true;
+        }
     }
 
-    /// Puts out the status if the batch changed it, with the 24 h and 7 d counts from the hour buckets.
-    fn emit_status(&mut self, url: &str, out: &mut Vec<Admitted>) {
+    /// Puts out the minute buckets' changes and the status if the batch changed it, with the 24 h and 7 d
+    /// counts from the hour buckets.
+    fn emit(&mut self, url: &str, out: &mut Vec<Admitted>) {
         self.dirty = false;
+        let delta = std::mem::take(&mut self.delta);
+        if !delta.is_zero() {
+            out.push(Admitted::Window(url.to_owned(), delta));
+        }
         let Some(status) = self.status.as_mut() else { return };
         let newest_hour = self.newest.map_or(0, |n| n.div_euclid(HOUR_MS));
         let (mut day, mut week) = ([0; 3], [0; 3]);
-        for (h, (s, _)) in self.hours.range(newest_hour - HOURS + 1..) {
-            let c = [s.up, s.down, s.missed];
+        for h in self.hours.iter().filter(|h| i64::from(h.hour) > newest_hour - HOURS) {
             for i in 0..3 {
-                week[i] += c[i];
-                if *h > newest_hour - 24 {
-                    day[i] += c[i];
+                let c = i64::from(h.counts[i]);
+                week[i] += c;
+                if i64::from(h.hour) > newest_hour - 24 {
+                    day[i] += c;
                 }
             }
         }
@@ -565,19 +659,30 @@ impl Site {
             counters.expired.set(counters.expired.get() + 1);
             return;
         }
-        let (stats, seen) = self.hours.entry(hour).or_default();
-        if !seen.insert(hour * HOUR_MS, at, check.interval_ms) {
+        let interval = check.interval_ms.filter(|i| *i > 0);
+        if self.grid.is_none() {
+            self.grid = interval.map(|i| (i, at.rem_euclid(i)));
+        }
+        let grid = self.grid;
+        let Some(slot) = self.hour_slot(hour) else {
+            counters.expired.set(counters.expired.get() + 1);
+            return;
+        };
+        if !slot.mark(grid, at, interval) {
             counters.duplicates.set(counters.duplicates.get() + 1);
             return;
         }
-        let url = check.url.clone();
-        stats.plus_equals(&Stats::of(&check, false));
+        match check.outcome {
+            Outcome::Up => slot.add(1, 0, 0),
+            Outcome::Down => slot.add(0, 1, 0),
+            Outcome::Missed => slot.add(0, 0, 1),
+        }
         self.dirty = true;
         let newest_minute = self.newest.map(|n| n.div_euclid(MINUTE_MS));
         if newest_minute.is_none_or(|m| minute > m - MINUTES) {
             let timed = Stats::of(&check, true);
             self.minutes.entry(minute).or_default().plus_equals(&timed);
-            out.push(Admitted::Bucket(url.clone(), minute, timed));
+            self.delta.plus_equals(&timed);
         }
         if self.newest.is_some_and(|n| at < n) {
             counters.out_of_order.set(counters.out_of_order.get() + 1);
@@ -585,56 +690,61 @@ impl Site {
         }
         self.newest = Some(at);
         // Buckets the anchor left behind leave the windows as a whole.
-        let keep_minutes = self.minutes.split_off(&(minute - MINUTES + 1));
-        for (m, mut sum) in std::mem::replace(&mut self.minutes, keep_minutes) {
+        let first_minute = minute - MINUTES + 1;
+        while let Some(entry) = self.minutes.first_entry().filter(|e| *e.key() < first_minute) {
+            let mut sum = entry.remove();
             sum.negate();
-            out.push(Admitted::Bucket(url.clone(), m, sum));
+            self.delta.plus_equals(&sum);
         }
-        self.hours = self.hours.split_off(&(hour - HOURS + 1));
         self.follow(check, rule, out);
     }
 
     /// The status and incidents after a result newer than every other.
     fn follow(&mut self, check: Check, rule: IncidentRule, out: &mut Vec<Admitted>) {
-        let url = check.url.clone();
         let at = check.scheduled_at_ms;
-        let old = self.status.take();
-        let mut strip = old.as_ref().map(|s| s.strip.clone()).unwrap_or_default();
-        strip.push(Cell50 {
-            scheduled_at_ms: at,
-            outcome: check.outcome,
-            error_class: check.error_class.clone(),
-        });
-        if strip.len() > STRIP {
-            strip.drain(..strip.len() - STRIP);
-        }
-        let (mut state, mut since) = old.as_ref().map_or((Outcome::Missed, at), |s| (s.state, s.since_ms));
-        if check.outcome != Outcome::Missed && check.outcome != state {
-            (state, since) = (check.outcome, at);
+        let (outcome, error_class) = (check.outcome, check.error_class.clone());
+        // The status is changed in place: the strip shifts by one cell, nothing else is copied.
+        let cell = Cell50::new(at, outcome, error_class.as_deref());
+        let status = match self.status.as_mut() {
+            Some(status) => {
+                if status.strip.len() >= STRIP {
+                    status.strip.pop_front();
+                }
+                status.strip.push_back(cell);
+                if let Some(c) = check.cert_not_after_ms {
+                    status.cert = Some((c, at));
+                }
+                status.last = check;
+                status
+            }
+            None => self.status.insert(Status {
+                state: Outcome::Missed,
+                since_ms: at,
+                cert: check.cert_not_after_ms.map(|c| (c, at)),
+                last: check,
+                // The ring's full size from the start: a site's status does not grow as it fills.
+                strip: {
+                    let mut strip = VecDeque::with_capacity(STRIP);
+                    strip.push_back(cell);
+                    strip
+                },
+                day: [0; 3],
+                week: [0; 3],
+            }),
+        };
+        if outcome != Outcome::Missed && outcome != status.state {
+            (status.state, status.since_ms) = (outcome, at);
             self.run = 0;
         }
-        let cert = check
-            .cert_not_after_ms
-            .map(|c| (c, at))
-            .or(old.as_ref().and_then(|s| s.cert));
-        let (day, week) = old.as_ref().map_or(([0; 3], [0; 3]), |s| (s.day, s.week));
-        self.status = Some(Status {
-            state,
-            since_ms: since,
-            last: check.clone(),
-            cert,
-            strip,
-            day,
-            week,
-        });
+        let url = status.last.url.clone();
 
         // Incidents, over up and down results in slot order.
-        if check.outcome == Outcome::Missed {
+        if outcome == Outcome::Missed {
             return;
         }
         self.run += 1;
         let before = self.open.clone();
-        match (check.outcome, self.open.as_mut()) {
+        match (outcome, self.open.as_mut()) {
             (Outcome::Down, Some(open)) => open.failures += 1,
             (Outcome::Down, None) if self.run >= rule.open_after.max(1) => {
                 // Opened at the N-th failure, started at the first of the run.
@@ -643,8 +753,8 @@ impl Site {
                     .status
                     .as_ref()
                     .and_then(|s| s.strip.iter().find(|c| c.scheduled_at_ms == first))
-                    .and_then(|c| c.error_class.clone())
-                    .or(check.error_class.clone());
+                    .and_then(|c| c.error_class().map(str::to_owned))
+                    .or(error_class);
                 self.open = Some(Incident {
                     started_ms: first,
                     ended_ms: None,
@@ -692,77 +802,93 @@ impl Site {
     }
 }
 
-/// The window buckets of [`admit`]'s output, as a collection with [`Stats`] differences.
-pub fn buckets<'s>(
-    admitted: &Stream<'s, u64, Vec<(Admitted, u64, isize)>>,
-) -> VecCollection<'s, u64, (String, i64), Stats> {
-    admitted
-        .clone()
-        .flat_map(|(a, t, _)| match a {
-            Admitted::Bucket(url, b, s) => Some(((url, b), t, s)),
-            _ => None,
-        })
-        .as_collection()
+/// [`admit`]'s output by kind, each a collection of its own.
+pub struct Split<'s> {
+    /// The 1 h windows' changes, with [`Stats`] differences: a site's accumulated difference is its window.
+    pub windows: VecCollection<'s, u64, (String, ()), Stats>,
+    /// The statuses.
+    pub statuses: VecCollection<'s, u64, (String, Status), isize>,
+    /// The incidents, one by one.
+    pub incidents: VecCollection<'s, u64, (String, Incident), isize>,
 }
 
-/// The statuses of [`admit`]'s output.
-pub fn statuses<'s>(
-    admitted: &Stream<'s, u64, Vec<(Admitted, u64, isize)>>,
-) -> VecCollection<'s, u64, (String, Status), isize> {
-    admitted
-        .clone()
-        .flat_map(|(a, t, _)| match a {
-            Admitted::Status(url, s, d) => Some(((url, s), t, d)),
-            _ => None,
-        })
-        .as_collection()
+/// Splits [`admit`]'s output by kind. A partition moves each update to its one consumer: three `flat_map`s
+/// on the one stream would each get a copy of every status.
+pub fn split<'s>(admitted: Stream<'s, u64, Vec<(Admitted, u64, isize)>>) -> Split<'s> {
+    let mut parts = admitted.partition(3, |(a, t, d)| {
+        let part = match a {
+            Admitted::Window(..) => 0,
+            Admitted::Status(..) => 1,
+            Admitted::Incident(..) => 2,
+        };
+        (part, (a, t, d))
+    });
+    let incidents = parts.pop().expect("three parts");
+    let statuses = parts.pop().expect("three parts");
+    let windows = parts.pop().expect("three parts");
+    Split {
+        windows: windows
+            .flat_map(|(a, t, _)| match a {
+                Admitted::Window(url, s) => Some(((url, ()), t, s)),
+                _ => None,
+            })
+            .as_collection(),
+        statuses: statuses
+            .flat_map(|(a, t, _)| match a {
+                Admitted::Status(url, s, d) => Some(((url, s), t, d)),
+                _ => None,
+            })
+            .as_collection(),
+        incidents: incidents
+            .flat_map(|(a, t, _)| match a {
+                Admitted::Incident(url, i, d) => Some(((url, i), t, d)),
+                _ => None,
+            })
+            .as_collection(),
+    }
 }
 
-/// The incidents of [`admit`]'s output, gathered per site (newest first).
+/// The incidents gathered per site (newest first).
 pub fn incidents<'s>(
-    admitted: &Stream<'s, u64, Vec<(Admitted, u64, isize)>>,
+    incidents: VecCollection<'s, u64, (String, Incident), isize>,
 ) -> VecCollection<'s, u64, (String, Vec<Incident>), isize> {
-    admitted
-        .clone()
-        .flat_map(|(a, t, _)| match a {
-            Admitted::Incident(url, i, d) => Some(((url, i), t, d)),
-            _ => None,
-        })
-        .as_collection()
-        .reduce(|_url, input, output| {
-            let mut list: Vec<Incident> = input
-                .iter()
-                .filter(|(_, d)| *d > 0)
-                .map(|(i, _)| (*i).clone())
-                .collect();
-            list.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then_with(|| a.cmp(b)));
-            output.push((list, 1));
-        })
+    incidents.reduce(|_url, input, output| {
+        let mut list: Vec<Incident> = input
+            .iter()
+            .filter(|(_, d)| *d > 0)
+            .map(|(i, _)| (*i).clone())
+            .collect();
+        list.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then_with(|| a.cmp(b)));
+        output.push((list, 1));
+    })
 }
 
 /// A site's last hour: exact counts and the percentiles per phase (the 24 h and 7 d counts are in its
-/// [`Status`]).
+/// [`Status`], and so is where the hour starts: [`Status::hour_from_ms`]).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Windows {
     /// up, down, missed in the last 60 minute buckets.
     pub hour: [i64; 3],
     /// Per phase of [`PHASES`], p50, p95, p99 in µs of the `up` results in them.
     pub percentiles: Vec<[i64; 3]>,
-    /// The window's first minute (epoch ms).
-    pub from_ms: i64,
 }
 
-/// Sums each site's minute buckets into its [`Windows`].
+impl Status {
+    /// The first minute of the site's 1 h window (epoch ms): the window is anchored at its newest result.
+    pub fn hour_from_ms(&self) -> i64 {
+        (self.last.scheduled_at_ms.div_euclid(MINUTE_MS) - MINUTES + 1) * MINUTE_MS
+    }
+}
+
+/// Each site's [`Windows`], from its 1 h window: the accumulated [`Stats`] difference of the site's key
+/// (a `reduce` over one value per key, whose difference is the window's sum).
 pub fn site_windows<'s>(
-    buckets: VecCollection<'s, u64, (String, i64), Stats>,
+    windows: VecCollection<'s, u64, (String, ()), Stats>,
 ) -> VecCollection<'s, u64, (String, Windows), isize> {
-    buckets.reduce(|_url, input, output| {
-        let newest = input.iter().map(|(m, _)| **m).max().unwrap_or(0);
+    windows.reduce(|_url, input, output| {
         let mut w = Stats::default();
-        for (minute, stats) in input {
-            if **minute > newest - MINUTES {
-                w.plus_equals(stats);
-            }
+        for (_, stats) in input {
+            w.plus_equals(stats);
         }
         let percentiles = (0..PHASES.len())
             .map(|p| {
@@ -774,7 +900,6 @@ pub fn site_windows<'s>(
             Windows {
                 hour: [w.up, w.down, w.missed],
                 percentiles,
-                from_ms: (newest - MINUTES + 1) * MINUTE_MS,
             },
             1,
         ));
@@ -818,10 +943,10 @@ mod tests {
             let batches = batches.clone();
             let (mut input, probe, captured) = worker.dataflow::<u64, _, _>(|scope| {
                 let (input, stream) = scope.new_input::<Vec<Input>>();
-                let admitted = admit(stream, rule, AdmitCounters::default());
-                let w = site_windows(buckets(&admitted)).map(|(u, w)| (format!("w {u}"), format!("{w:?}")));
-                let s = statuses(&admitted).map(|(u, s)| (format!("s {u}"), format!("{s:?}")));
-                let i = incidents(&admitted).map(|(u, i)| (format!("i {u}"), format!("{i:?}")));
+                let admitted = split(admit(stream, rule, AdmitCounters::default()));
+                let w = site_windows(admitted.windows).map(|(u, w)| (format!("w {u}"), format!("{w:?}")));
+                let s = admitted.statuses.map(|(u, s)| (format!("s {u}"), format!("{s:?}")));
+                let i = incidents(admitted.incidents).map(|(u, i)| (format!("i {u}"), format!("{i:?}")));
                 let all = w.concat(s).concat(i).inner;
                 let (probe, all) = all.probe();
                 (input, probe, all.capture())

@@ -28,9 +28,33 @@ struct View {
     /// Counts the bodies published: the entity tag of this one (with the process's start time).
     version: u64,
     /// Shared with the responses being written, never copied per request.
-    body: Bytes,
+    body: Body,
     /// The body gzipped, made on the first request that asks for it.
     gzip: Arc<OnceLock<Bytes>>,
+}
+
+/// A published body: made whole by the publisher, or the members of a JSON object joined by the first
+/// request that reads them (off the worker: a worker publishing 10,000 members at every closed timestamp
+/// hands over pointers instead of copying megabytes nobody may read).
+#[derive(Clone, Debug)]
+struct Body {
+    joined: Arc<OnceLock<Bytes>>,
+    members: Arc<[Arc<str>]>,
+}
+
+impl Body {
+    fn whole(bytes: Bytes) -> Self {
+        Body {
+            joined: Arc::new(OnceLock::from(bytes)),
+            members: Arc::new([]),
+        }
+    }
+
+    fn get(&self) -> Bytes {
+        self.joined
+            .get_or_init(|| Bytes::from(crate::runtime::publish::json_object(self.members.iter())))
+            .clone()
+    }
 }
 
 /// A published view: written by the dataflow at closed timestamps, read by HTTP handlers.
@@ -42,8 +66,7 @@ pub struct ViewHandle(Arc<RwLock<View>>);
 pub struct Snapshot {
     /// The closed timestamp it shows (`None` before the first).
     pub as_of: Option<u64>,
-    /// The body.
-    pub body: Bytes,
+    body: Body,
     version: u64,
     gzip: Arc<OnceLock<Bytes>>,
 }
@@ -55,6 +78,11 @@ impl Snapshot {
         let started = STARTED.get_or_init(|| crate::runtime::clock::epoch_now(1));
         format!("\"{started:x}-{}\"", self.version)
     }
+
+    /// The body (joined here if it was published as members and nobody has read it yet).
+    pub fn body(&self) -> Bytes {
+        self.body.get()
+    }
 }
 
 impl ViewHandle {
@@ -63,7 +91,7 @@ impl ViewHandle {
         let view = View {
             as_of: None,
             version: 0,
-            body: Bytes::copy_from_slice(initial_body.as_bytes()),
+            body: Body::whole(Bytes::copy_from_slice(initial_body.as_bytes())),
             gzip: Arc::default(),
         };
         ViewHandle(Arc::new(RwLock::new(view)))
@@ -71,9 +99,25 @@ impl ViewHandle {
 
     /// Replaces the body (if given) and advances the as-of.
     pub fn publish(&self, as_of: u64, body: Option<String>) {
+        self.set(as_of, body.map(|b| Body::whole(Bytes::from(b))));
+    }
+
+    /// Replaces the body (if given) with the JSON object of these members, joined when first read, and
+    /// advances the as-of.
+    pub fn publish_members(&self, as_of: u64, members: Option<Vec<Arc<str>>>) {
+        self.set(
+            as_of,
+            members.map(|m| Body {
+                joined: Arc::default(),
+                members: m.into(),
+            }),
+        );
+    }
+
+    fn set(&self, as_of: u64, body: Option<Body>) {
         let mut v = self.0.write().unwrap_or_else(|p| p.into_inner());
         if let Some(body) = body {
-            v.body = Bytes::from(body);
+            v.body = body;
             v.version += 1;
             v.gzip = Arc::default();
         }
@@ -238,7 +282,7 @@ impl Endpoint for ViewHandle {
                 .with_header("ETag", etag)
                 .with_header("X-Tally-As-Of", as_of);
         }
-        let mut reply = Reply::json(200, snap.body)
+        let mut reply = Reply::json(200, snap.body())
             .with_header("ETag", etag)
             .with_header("X-Tally-As-Of", as_of);
         reply.gzip = Some(snap.gzip);

@@ -24,6 +24,10 @@ pub struct Cluster {
     /// How often timestamps close, in milliseconds: the HTTP view refreshes at this cadence.
     #[arg(long, env = "TALLY_TICK_MS", default_value_t = 20)]
     pub tick_ms: u64,
+    /// Records a worker's source reads ahead of its dataflow: it pauses while this many are in timestamps
+    /// the dataflow has not finished, so a replay of a long topic holds a bounded batch, not the topic.
+    #[arg(long, env = "TALLY_MAX_IN_FLIGHT", default_value_t = 20_000)]
+    pub max_in_flight: usize,
 }
 
 impl Cluster {

@@ -89,6 +89,8 @@ pub struct Env {
     pub shutdown: Arc<AtomicBool>,
     /// How often timestamps close, in milliseconds.
     pub tick_ms: u64,
+    /// Records a source reads ahead of the dataflow ([`crate::sources::kafka::Flow`]).
+    pub max_in_flight: usize,
     /// Where sources put what they cannot decode.
     pub dead_letter: Arc<DeadLetter>,
     /// What `/health` reports; sources and sinks tell it how they are doing.
@@ -104,6 +106,7 @@ impl Env {
             shutdown: self.shutdown.clone(),
             tick_ms: self.tick_ms,
             health: self.health.clone(),
+            max_in_flight: self.max_in_flight,
         }
     }
 }
@@ -190,6 +193,7 @@ pub fn run<P: Pipeline>(mut pipeline: P) -> Result<(), RuntimeError> {
         metrics,
         shutdown,
         tick_ms,
+        max_in_flight: cluster.max_in_flight.max(1),
         dead_letter,
         health,
     };

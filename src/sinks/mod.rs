@@ -12,6 +12,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::Stream;
+use timely::scheduling::SyncActivator;
 
 use crate::metrics::Metrics;
 use crate::runtime::health::Health;
@@ -65,15 +67,17 @@ pub trait TxSink: Send + 'static {
 }
 
 /// Writes `changes` and the source's `progress` on worker 0 through the sink `open` makes there (opened on
-/// the first write, reopened after a failure to open), at every closed timestamp.
+/// the first write, reopened after a failure to open), at every closed timestamp. The stream returned
+/// carries no data: its frontier passes a timestamp once that timestamp is committed, so a probe on it
+/// (a source's [`crate::sources::kafka::Flow`]) waits for the store, not only for the dataflow.
 pub fn tx_sink<'s, S: TxSink, E: std::fmt::Display>(
     changes: VecCollection<'s, u64, S::Data, S::Diff>,
     progress: Stream<'s, u64, Vec<Progress>>,
     topic: String,
     env: &Env,
     open: impl FnMut() -> Result<S, E> + Send + 'static,
-) {
-    tx_sink_every(changes, progress, topic, env, None, open);
+) -> Stream<'s, u64, Vec<()>> {
+    tx_sink_every(changes, progress, topic, env, None, open)
 }
 
 /// What the dataflow hands the writer thread.
@@ -109,23 +113,35 @@ pub fn tx_sink_every<'s, S: TxSink, E: std::fmt::Display>(
     env: &Env,
     every: Option<u64>,
     open: impl FnMut() -> Result<S, E> + Send + 'static,
-) {
+) -> Stream<'s, u64, Vec<()>> {
     let (metrics, health) = (env.metrics.clone(), env.health.clone());
     let scope = progress.scope();
     let is_writer = scope.index() == 0;
     let mut builder = OperatorBuilder::new("TxSink".to_owned(), scope);
     let mut changes_in = builder.new_input(changes.inner, Exchange::new(|_| 0u64));
     let mut progress_in = builder.new_input(progress, Exchange::new(|_| 0u64));
-    builder.build(move |_capabilities| {
+    let (_never_sent, stored) = builder.new_output::<Vec<()>>();
+    // What the writer has committed: every timestamp below it is stored. It wakes the operator, which
+    // moves the `stored` output's frontier there.
+    let through = Arc::new(AtomicU64::new(0));
+    let wake = scope
+        .worker()
+        .sync_activator_for(builder.operator_info().address.to_vec());
+    builder.build(move |mut capabilities| {
+        let mut stored_cap = capabilities.pop().filter(|_| is_writer);
         let mut writer = is_writer.then(|| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Job<S::Data, S::Diff>>(QUEUED_JOBS);
+            let mark = Stored {
+                through: through.clone(),
+                wake,
+            };
             let thread = std::thread::Builder::new()
                 .name(format!("tally-sink-{}", S::NAME))
                 .spawn(move || {
                     // Storing yields the cores to the workers: the dataflow and its views come first, and
                     // the writer catches up when they idle (jobs accumulate meanwhile, nothing is lost).
                     crate::runtime::process::yield_to_workers(WRITER_NICE);
-                    write_jobs(rx, open, topic, metrics, health)
+                    write_jobs(rx, open, topic, metrics, health, mark)
                 })
                 .expect("spawning the sink's writer thread");
             (Some(tx), Some(thread))
@@ -136,6 +152,12 @@ pub fn tx_sink_every<'s, S: TxSink, E: std::fmt::Display>(
         let mut offsets = Offsets::new();
         let mut last_as_of = None;
         move |frontiers| {
+            if let Some(cap) = stored_cap.as_mut() {
+                let through = through.load(Ordering::Acquire);
+                if through > *cap.time() {
+                    cap.downgrade(&through);
+                }
+            }
             changes_in.for_each(|_cap, data| pending.append(data));
             progress_in.for_each(|cap, data| {
                 let time = *cap.least().expect("a message's capability has a time");
@@ -212,9 +234,26 @@ pub fn tx_sink_every<'s, S: TxSink, E: std::fmt::Display>(
             }
             if done {
                 finish(sender, thread);
+                stored_cap = None;
             }
         }
     });
+    stored
+}
+
+/// How the writer thread tells the operator what it has committed.
+struct Stored {
+    through: Arc<AtomicU64>,
+    wake: SyncActivator,
+}
+
+impl Stored {
+    /// Every timestamp up to `as_of` is stored.
+    fn set(&self, as_of: u64) {
+        self.through.fetch_max(as_of + 1, Ordering::AcqRel);
+        // The operator is gone once the dataflow has ended: nothing to tell.
+        let _ = self.wake.activate();
+    }
 }
 
 /// The inputs ended: lets the writer drain its queue and waits for its last commit.
@@ -244,6 +283,7 @@ fn write_jobs<S: TxSink, E: std::fmt::Display>(
     topic: String,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    stored: Stored,
 ) {
     let mut sink: Option<S> = None;
     // A commit not yet stored: its timestamp, changes and offsets.
@@ -287,6 +327,7 @@ fn write_jobs<S: TxSink, E: std::fmt::Display>(
                 if let Some(s) = sink.as_mut() {
                     s.closed(as_of, false);
                 }
+                stored.set(as_of);
             }
             Some(Job::Closed(_)) | None => {}
         }
@@ -312,6 +353,7 @@ fn write_jobs<S: TxSink, E: std::fmt::Display>(
                     metrics.sink_rows.with_label_values(&[S::NAME]).inc_by(rows as u64);
                     health.sink(S::NAME, None);
                     s.closed(*as_of, true);
+                    stored.set(*as_of);
                     held = None;
                     backoff = Duration::from_millis(100);
                     continue;

@@ -7,7 +7,7 @@
 //! worker's capability advances even when its partitions are idle: views never stall on a quiet partition.
 //! Undecodable messages are counted, logged with coordinates, and dead-lettered; nothing is dropped silently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
-use timely::dataflow::{Scope, Stream};
+use timely::dataflow::{ProbeHandle, Scope, Stream};
 use timely::scheduling::SyncActivator;
 use tracing::{debug, info, warn};
 
@@ -123,6 +123,30 @@ pub struct SourceContext {
     /// Told when the source has caught up with the watermarks it saw at start, and when it last heard
     /// from the broker.
     pub health: Arc<Health>,
+    /// `--max-in-flight`: what a [`Flow`] built with [`SourceContext::flow`] allows.
+    pub max_in_flight: usize,
+}
+
+impl SourceContext {
+    /// Flow control watching `probe`, allowing `--max-in-flight` records.
+    pub fn flow(&self, probe: &ProbeHandle<u64>) -> Flow {
+        Flow {
+            probe: probe.clone(),
+            max: self.max_in_flight,
+        }
+    }
+}
+
+/// How far a source reads ahead of the dataflow it feeds. `probe` watches where the dataflow's work is
+/// done (the pipeline attaches it to what its sinks and views take in); the source reads nothing while
+/// `max` records are at timestamps the probe has not passed. Without it a replay of a long topic is read
+/// into memory as fast as the broker sends it, whatever the dataflow keeps up with.
+#[derive(Clone)]
+pub struct Flow {
+    /// Where the dataflow is done.
+    pub probe: ProbeHandle<u64>,
+    /// Records allowed in timestamps the probe has not passed.
+    pub max: usize,
 }
 
 /// A source's outputs.
@@ -135,12 +159,14 @@ pub struct Source<'s, T> {
 
 const POLL_BUDGET: Duration = Duration::from_millis(5);
 
-/// Reads `cfg.topic` into a stream of decoded records and a stream of progress.
+/// Reads `cfg.topic` into a stream of decoded records and a stream of progress, ahead of the dataflow
+/// by at most what `flow` allows (unbounded without one).
 pub fn kafka_source<'s, D: Decoder>(
     scope: Scope<'s, u64>,
     cfg: KafkaConfig,
     mut decoder: D,
     ctx: SourceContext,
+    flow: Option<Flow>,
 ) -> Source<'s, D::Out> {
     let (index, peers) = (scope.index(), scope.peers());
     let mut builder = OperatorBuilder::new("KafkaSource".to_owned(), scope);
@@ -162,6 +188,12 @@ pub fn kafka_source<'s, D: Decoder>(
         let tick = Duration::from_millis(ctx.tick_ms.max(1));
         let topic = cfg.topic.clone();
         let health = ctx.health.source(&topic, index);
+        let worker_label = index.to_string();
+        let in_flight_gauge = ctx.metrics.in_flight.with_label_values(&[topic.as_str(), &worker_label]);
+        let paused = ctx.metrics.flow_paused.with_label_values(&[topic.as_str(), &worker_label]);
+        // Records given per timestamp the probe has not passed yet, oldest first, and their sum.
+        let mut in_flight: VecDeque<(u64, usize)> = VecDeque::new();
+        let mut in_flight_total = 0usize;
         move |_frontiers| {
             let Some(capabilities) = caps.as_mut() else { return };
             if ctx.shutdown.load(Ordering::Relaxed) {
@@ -185,7 +217,21 @@ pub fn kafka_source<'s, D: Decoder>(
                 }
             }
             let mut read = 0usize;
-            if let Some(r) = reader.as_mut() {
+            let mut budget = usize::MAX;
+            if let Some(flow) = &flow {
+                while let Some(&(t, n)) = in_flight.front() {
+                    if flow.probe.less_equal(&t) {
+                        break;
+                    }
+                    in_flight.pop_front();
+                    in_flight_total -= n;
+                }
+                budget = flow.max.saturating_sub(in_flight_total);
+                if budget == 0 && reader.is_some() {
+                    paused.inc();
+                }
+            }
+            if let Some(r) = reader.as_mut().filter(|_| budget > 0) {
                 let mut data_handle = data_out.activate();
                 let mut session = data_handle.session(&capabilities[0]);
                 let started = Instant::now();
@@ -194,7 +240,7 @@ pub fn kafka_source<'s, D: Decoder>(
                 let ages = ctx.metrics.record_age.with_label_values(&[topic.as_str()]).local();
                 let now_ms = epoch_now(1) as i64;
                 loop {
-                    if read % 256 == 255 && started.elapsed() > POLL_BUDGET {
+                    if read >= budget || (read % 256 == 255 && started.elapsed() > POLL_BUDGET) {
                         break;
                     }
                     match r.consumer.poll(Duration::ZERO) {
@@ -251,6 +297,14 @@ pub fn kafka_source<'s, D: Decoder>(
                 }
                 drop(session);
                 decoder.idle();
+                if flow.is_some() && read > 0 {
+                    let t = *capabilities[0].time();
+                    match in_flight.back_mut() {
+                        Some((last, n)) if *last == t => *n += read,
+                        _ => in_flight.push_back((t, read)),
+                    }
+                    in_flight_total += read;
+                }
                 let mut progress_handle = progress_out.activate();
                 let mut progress = progress_handle.session(&capabilities[1]);
                 for (p, (n, next_offset)) in per_partition {
@@ -280,8 +334,12 @@ pub fn kafka_source<'s, D: Decoder>(
                     capability.downgrade(&now);
                 }
             }
+            in_flight_gauge.set(in_flight_total as i64);
             if read > 0 {
                 activator.activate();
+            } else if budget == 0 {
+                // Nothing wakes a paused source when the dataflow catches up: look again soon.
+                activator.activate_after(Duration::from_millis(1));
             } else {
                 // Data wakes us through the non-empty callback; the tick still advances time.
                 activator.activate_after(if reader.is_some() { tick } else { Duration::from_millis(100) });

@@ -528,6 +528,48 @@ mod tests {
 
     use super::*;
 
+    /// The views keep a strip cell's error class as an index into the dataflows' list: every class the
+    /// checker reports must be on it (else the strip shows `other`).
+    #[test]
+    fn every_error_class_is_on_the_views_list() {
+        use ErrorClass::*;
+        let all = [
+            DnsNxdomain,
+            DnsNoAnswer,
+            DnsTimeout,
+            DnsError,
+            ConnectRefused,
+            ConnectTimeout,
+            ConnectError,
+            TlsUntrusted,
+            TlsExpired,
+            TlsHostname,
+            TlsError,
+            Timeout,
+            HttpStatus,
+            HttpProtocol,
+            BodyMismatch,
+            TooManyRedirects,
+            BadUrl,
+        ];
+        // Exhaustive: a new class does not compile here until it is in `all` (and on the list).
+        let listed = |c: &ErrorClass| match c {
+            DnsNxdomain | DnsNoAnswer | DnsTimeout | DnsError | ConnectRefused | ConnectTimeout | ConnectError
+            | TlsUntrusted | TlsExpired | TlsHostname | TlsError | Timeout | HttpStatus | HttpProtocol
+            | BodyMismatch | TooManyRedirects | BadUrl => true,
+        };
+        assert!(all.iter().all(listed));
+        let names: Vec<String> = all
+            .iter()
+            .map(|c| serde_json::to_value(c).unwrap().as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, dataflows::availability::ERROR_CLASSES);
+        for (i, name) in names.iter().enumerate() {
+            let cell = dataflows::availability::Cell50::new(0, dataflows::availability::Outcome::Down, Some(name));
+            assert_eq!((cell.class, cell.error_class()), (i as u8 + 1, Some(name.as_str())));
+        }
+    }
+
     /// A stub DNS server on loopback: `nx.*` is NXDOMAIN, `empty.*` has no address, `slow.*` is never
     /// answered, every other name is 127.0.0.1.
     async fn stub_dns() -> SocketAddr {

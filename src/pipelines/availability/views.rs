@@ -2,27 +2,23 @@
 //! `/metrics` and the `/ui` status page, all from [`dataflows::availability`] and published at closed
 //! timestamps.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use differential_dataflow::VecCollection;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use timely::dataflow::channels::pact::Pipeline as Pipe;
 use timely::dataflow::operators::core::Inspect;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Exchange;
-use timely::dataflow::Stream;
+use timely::dataflow::{ProbeHandle, Stream};
 
 use dataflows::availability::{
-    admit, buckets, incidents, site_windows, statuses, AdmitCounters, Check, Incident, IncidentRule, Input, Outcome,
-    Status, Windows, PHASES,
+    admit, incidents, site_windows, split, AdmitCounters, Check, Incident, IncidentRule, Input, Outcome, Status,
+    Windows, PHASES,
 };
 
 use super::writer::CheckRow;
 use crate::http::{Routes, Ui, ViewHandle};
 use crate::metrics::Metrics;
 use crate::runtime::clock::rfc3339;
-use crate::runtime::publish::{drain_closed, publish};
+use crate::runtime::publish::{publish, publish_grouped};
 use crate::runtime::StateSize;
 
 /// The views' handles, shared by HTTP and the dataflow.
@@ -138,8 +134,8 @@ impl WindowMetrics {
             ),
             latency: metrics.gauge(
                 "tally_availability_site_latency_us",
-                "Latency of up checks in the last hour, microseconds, by phase and quantile",
-                &["url", "phase", "quantile"],
+                "Total time of the up checks in the last hour, microseconds, by quantile (phases: /availability)",
+                &["url", "quantile"],
             ),
             cert: metrics.gauge(
                 "tally_availability_site_cert_days_left",
@@ -158,6 +154,7 @@ pub fn build<'s>(
     views: &Views,
     metrics: &Arc<Metrics>,
     window_metrics: &WindowMetrics,
+    done: &ProbeHandle<u64>,
 ) -> StateSize {
     let counters = AdmitCounters::default();
     let worker = input.scope().index().to_string();
@@ -172,11 +169,24 @@ pub fn build<'s>(
         }
         reported = now;
     });
-    let sites = site_windows(buckets(&admitted)).join(statuses(&admitted));
-    site_gauges(sites.clone(), window_metrics.clone());
-    publish(sites, "availability", views.sites.clone(), metrics.clone(), site_member);
+    // A site's member is made of its windows (from the reduce) and its status (from the window operator),
+    // gathered by the publisher itself: no join, so neither is arranged a second time.
+    let admitted = split(admitted);
+    let windows = site_windows(admitted.windows).map(|(url, w)| (url, Part::Windows(w)));
+    let status = admitted.statuses.map(|(url, s)| (url, Part::Status(Box::new(s))));
+    let sites = windows.concat(status).probe_with(done);
+    let incidents = incidents(admitted.incidents).probe_with(done);
+    let gauges = window_metrics.clone();
+    publish_grouped(
+        sites,
+        "availability",
+        views.sites.clone(),
+        metrics.clone(),
+        site_member,
+        move |url, parts| gauges.set(url, site_view(parts)),
+    );
     publish(
-        incidents(&admitted),
+        incidents,
         "availability_incidents",
         views.incidents.clone(),
         metrics.clone(),
@@ -198,53 +208,42 @@ pub fn ratio(up: i64, down: i64) -> String {
     format!("{}.{:06}", micro / 1_000_000, micro % 1_000_000)
 }
 
-/// A site's windows and status: one member of `/availability`.
-type SiteView = (Windows, Status);
+/// One part of a site's member of `/availability`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Part {
+    /// Its last hour, from its window's accumulated difference.
+    Windows(Windows),
+    /// Its status (boxed: a status is 2 KB with its strip, windows are small).
+    Status(Box<Status>),
+}
+
+/// A site's windows and status, if it has both.
+fn site_view(parts: &[(Part, isize)]) -> Option<(&Windows, &Status)> {
+    let windows = parts.iter().find_map(|(p, n)| match p {
+        Part::Windows(w) if *n > 0 => Some(w),
+        _ => None,
+    });
+    let status = parts.iter().find_map(|(p, n)| match p {
+        Part::Status(s) if *n > 0 => Some(&**s),
+        _ => None,
+    });
+    windows.zip(status)
+}
 
 const WINDOWS: [&str; 3] = ["1h", "24h", "7d"];
 
-/// One site's member of `/availability`.
-fn site_member(key: &(String, SiteView), _: &isize) -> String {
-    let (url, (w, s)) = key;
+/// One site's member of `/availability` (none until it has both windows and a status).
+#[allow(clippy::ptr_arg)] // the publisher's key is the `String` URL
+fn site_member(url: &String, parts: &[(Part, isize)]) -> Option<String> {
+    use std::fmt::Write as _;
+    let (w, s) = site_view(parts)?;
     let last = &s.last;
-    let uptime: Vec<String> = WINDOWS
-        .iter()
-        .zip(&[w.hour, s.day, s.week])
-        .map(|(name, [up, down, missed])| {
-            format!(
-                "\"{name}\":{{\"up\":{up},\"down\":{down},\"missed\":{missed},\"ratio\":{}}}",
-                ratio(*up, *down)
-            )
-        })
-        .collect();
-    // Percentiles of the up checks of the last hour; null without one.
-    let timed = w.hour[0] > 0;
-    let latency: Vec<String> = PHASES
-        .iter()
-        .zip(&w.percentiles)
-        .map(|(phase, [p50, p95, p99])| match timed {
-            true => format!("\"{phase}\":{{\"p50\":{p50},\"p95\":{p95},\"p99\":{p99}}}"),
-            false => format!("\"{phase}\":null"),
-        })
-        .collect();
-    let strip: Vec<String> = s
-        .strip
-        .iter()
-        .map(|c| {
-            format!(
-                "[{},\"{}\",{}]",
-                c.scheduled_at_ms,
-                c.outcome.as_str(),
-                c.error_class.as_deref().map_or("null".into(), js)
-            )
-        })
-        .collect();
-    let cert_days = s.cert.map_or("null".into(), |(not_after, seen_at)| {
-        (not_after - seen_at).div_euclid(86_400_000).to_string()
-    });
     let opt = |v: &Option<String>| v.as_deref().map_or("null".into(), js);
-    format!(
-        "{}:{{\"state\":\"{}\",\"since\":\"{}\",\"last\":{{\"scheduled_at\":\"{}\",\"outcome\":\"{}\",\"error_class\":{},\"error_phase\":{},\"http_status\":{},\"total_us\":{}}},\"uptime\":{{{}}},\"latency_us\":{{{}}},\"latency_since\":\"{}\",\"cert_days_left\":{},\"strip\":[{}]}}",
+    let mut out = String::with_capacity(512 + 40 * s.strip.len());
+    // Writing into a String cannot fail.
+    let _ = write!(
+        out,
+        "{}:{{\"state\":\"{}\",\"since\":\"{}\",\"last\":{{\"scheduled_at\":\"{}\",\"outcome\":\"{}\",\"error_class\":{},\"error_phase\":{},\"http_status\":{},\"total_us\":{}}},\"uptime\":{{",
         js(url),
         s.state.as_str(),
         rfc3339(s.since_ms),
@@ -254,12 +253,40 @@ fn site_member(key: &(String, SiteView), _: &isize) -> String {
         opt(&last.error_phase),
         last.http_status.map_or("null".into(), |c| c.to_string()),
         last.phases_us[5],
-        uptime.join(","),
-        latency.join(","),
-        rfc3339(w.from_ms),
-        cert_days,
-        strip.join(","),
-    )
+    );
+    for (i, (name, [up, down, missed])) in WINDOWS.iter().zip(&[w.hour, s.day, s.week]).enumerate() {
+        let sep = if i > 0 { "," } else { "" };
+        let _ = write!(
+            out,
+            "{sep}\"{name}\":{{\"up\":{up},\"down\":{down},\"missed\":{missed},\"ratio\":{}}}",
+            ratio(*up, *down)
+        );
+    }
+    out.push_str("},\"latency_us\":{");
+    // Percentiles of the up checks of the last hour; null without one.
+    let timed = w.hour[0] > 0;
+    for (i, (phase, [p50, p95, p99])) in PHASES.iter().zip(&w.percentiles).enumerate() {
+        let sep = if i > 0 { "," } else { "" };
+        let _ = match timed {
+            true => write!(out, "{sep}\"{phase}\":{{\"p50\":{p50},\"p95\":{p95},\"p99\":{p99}}}"),
+            false => write!(out, "{sep}\"{phase}\":null"),
+        };
+    }
+    let cert_days = s.cert.map_or("null".into(), |(not_after, seen_at)| {
+        (not_after - seen_at).div_euclid(86_400_000).to_string()
+    });
+    let _ = write!(
+        out,
+        "}},\"latency_since\":\"{}\",\"cert_days_left\":{cert_days},\"strip\":[",
+        rfc3339(s.hour_from_ms())
+    );
+    for (i, c) in s.strip.iter().enumerate() {
+        let sep = if i > 0 { "," } else { "" };
+        let class = c.error_class().map_or("null".into(), js);
+        let _ = write!(out, "{sep}[{},\"{}\",{class}]", c.scheduled_at_ms, c.outcome.as_str());
+    }
+    out.push_str("]}");
+    Some(out)
 }
 
 /// One site's member of `/availability/incidents`: its incidents, newest first.
@@ -281,84 +308,47 @@ fn incidents_member(key: &(String, Vec<Incident>), _: &isize) -> String {
     format!("{}:[{}]", js(url), items.join(","))
 }
 
-/// Per-site gauges for Alertmanager, set on worker 0 at closed timestamps (a site that leaves the views
-/// leaves the gauges). The label is the configured URL: the sites are configuration, so it is bounded.
-fn site_gauges(sites: VecCollection<'_, u64, (String, SiteView), isize>, gauges: WindowMetrics) {
-    let WindowMetrics {
-        up,
-        uptime,
-        latency,
-        cert,
-        ..
-    } = gauges;
-    let is_publisher = sites.scope().index() == 0;
-    let mut pending = Vec::new();
-    // Per site its values with their counts: retractions and additions of a closed timestamp may come in
-    // any order, so they are summed before the gauges are set.
-    let mut state: BTreeMap<String, Vec<(SiteView, isize)>> = BTreeMap::new();
-    sites
-        .inner
-        .exchange(|_| 0u64)
-        .sink(Pipe, "AvailabilityGauges", move |(input, frontier)| {
-            input.for_each(|_cap, data| pending.append(data));
-            if !is_publisher {
-                return;
+impl WindowMetrics {
+    /// Sets a site's gauges from its windows and status (at a closed timestamp, on the publisher), or
+    /// removes them once it has left the views. The label is the configured URL: the sites are
+    /// configuration, so it is bounded.
+    fn set(&self, url: &str, view: Option<(&Windows, &Status)>) {
+        let Some((w, s)) = view else {
+            let _ = self.up.remove_label_values(&[url]);
+            let _ = self.cert.remove_label_values(&[url]);
+            for window in WINDOWS {
+                let _ = self.uptime.remove_label_values(&[url, window]);
             }
-            let bound = frontier.frontier().first().copied();
-            let mut changed = Vec::new();
-            drain_closed(&mut pending, bound, |(url, value), diff| {
-                let values = state.entry(url.clone()).or_default();
-                match values.iter_mut().find(|(v, _)| *v == value) {
-                    Some((_, n)) => *n += diff,
-                    None => values.push((value, diff)),
-                }
-                values.retain(|(_, n)| *n != 0);
-                changed.push(url);
-            });
-            changed.sort();
-            changed.dedup();
-            for url in changed {
-                let current = state
-                    .get(&url)
-                    .and_then(|vs| vs.iter().find(|(_, n)| *n > 0))
-                    .map(|(v, _)| v.clone());
-                let Some((w, s)) = current else {
-                    state.remove(&url);
-                    let _ = up.remove_label_values(&[&url]);
-                    let _ = cert.remove_label_values(&[&url]);
-                    for window in WINDOWS {
-                        let _ = uptime.remove_label_values(&[url.as_str(), window]);
-                    }
-                    for phase in PHASES {
-                        for q in QUANTILES {
-                            let _ = latency.remove_label_values(&[url.as_str(), phase, q]);
-                        }
-                    }
-                    continue;
-                };
-                match s.state {
-                    Outcome::Up => up.with_label_values(&[&url]).set(1),
-                    Outcome::Down => up.with_label_values(&[&url]).set(0),
-                    Outcome::Missed => {}
-                }
-                for (window, [u, d, _]) in WINDOWS.iter().zip(&[w.hour, s.day, s.week]) {
-                    if u + d > 0 {
-                        uptime
-                            .with_label_values(&[url.as_str(), window])
-                            .set(*u as f64 / (*u + *d) as f64);
-                    }
-                }
-                for (phase, values) in PHASES.iter().zip(&w.percentiles).filter(|_| w.hour[0] > 0) {
-                    for (q, v) in QUANTILES.iter().zip(values) {
-                        latency.with_label_values(&[url.as_str(), phase, q]).set(*v);
-                    }
-                }
-                if let Some((not_after, seen_at)) = s.cert {
-                    cert.with_label_values(&[&url])
-                        .set((not_after - seen_at).div_euclid(86_400_000));
-                }
+            for q in QUANTILES {
+                let _ = self.latency.remove_label_values(&[url, q]);
             }
-        });
+            return;
+        };
+        match s.state {
+            Outcome::Up => self.up.with_label_values(&[url]).set(1),
+            Outcome::Down => self.up.with_label_values(&[url]).set(0),
+            Outcome::Missed => {}
+        }
+        for (window, [u, d, _]) in WINDOWS.iter().zip(&[w.hour, s.day, s.week]) {
+            if u + d > 0 {
+                self.uptime
+                    .with_label_values(&[url, window])
+                    .set(*u as f64 / (*u + *d) as f64);
+            }
+        }
+        // Per site 8 series (up, 3 uptimes, 3 quantiles of the total, cert): 18 more for the phases would
+        // make /metrics of 10,000 sites 260,000 series, a scrape that takes a core.
+        if let Some(total) = w.percentiles.last().filter(|_| w.hour[0] > 0) {
+            for (q, v) in QUANTILES.iter().zip(total) {
+                self.latency.with_label_values(&[url, q]).set(*v);
+            }
+        }
+        if let Some((not_after, seen_at)) = s.cert {
+            self.cert
+                .with_label_values(&[url])
+                .set((not_after - seen_at).div_euclid(86_400_000));
+        }
+    }
 }
 
 const QUANTILES: [&str; 3] = ["0.5", "0.95", "0.99"];

@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use dataflows::availability::{Check, IncidentRule, Input, Outcome};
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Concat, Input as _};
+use timely::dataflow::operators::{Concat, Input as _, Probe};
+use timely::dataflow::ProbeHandle;
 
 use postgres::{Client, NoTls};
 use serde::{Deserialize, Serialize};
@@ -340,10 +341,11 @@ impl TxSink for CheckStore {
             copy.write_all(&buf)?;
             copy.finish()?;
             // The rows that were new (not a repeat of a stored result) also go into their hour's rollup, so
-            // the rollups count exactly what check_result holds.
+            // the rollups count exactly what check_result holds. A repeat inside the batch is skipped like a
+            // stored one (DO NOTHING also sees the rows this statement inserted), so the stage needs no sort.
             let counted = tx.query_one(
-                "WITH inserted AS (INSERT INTO check_result SELECT DISTINCT ON (url, scheduled_at) * FROM check_stage \
-                 ORDER BY url, scheduled_at ON CONFLICT (url, scheduled_at) DO NOTHING \
+                "WITH inserted AS (INSERT INTO check_result SELECT * FROM check_stage \
+                 ON CONFLICT (url, scheduled_at) DO NOTHING \
                  RETURNING url, scheduled_at, outcome, total_us), \
                  rolled AS (INSERT INTO check_rollup_hourly AS r \
                  SELECT url, date_trunc('hour', scheduled_at), count(*) FILTER (WHERE outcome = 'up'), \
@@ -567,7 +569,11 @@ impl Pipeline for AvailabilityPipeline {
             None
         };
         let (mut reload_in, size) = worker.dataflow_named::<u64, _, _>("availability", |scope| {
-            let source = kafka_source(scope, self.kafka.clone(), CheckDecoder, env.source());
+            // The source reads ahead of the views and the sink by at most --max-in-flight records.
+            let done = ProbeHandle::new();
+            let ctx = env.source();
+            let flow = ctx.flow(&done);
+            let source = kafka_source(scope, self.kafka.clone(), CheckDecoder, ctx, Some(flow));
             let (reload_in, reloaded) = scope.new_input::<Vec<Input>>();
             let arrived = source.data.clone().map(|r| Input::Check(check_of(&r)));
             let size = views::build(
@@ -576,17 +582,20 @@ impl Pipeline for AvailabilityPipeline {
                 &self.views,
                 &metrics,
                 &window_metrics,
+                &done,
             );
             if self.args.views_only {
                 return (reload_in, size);
             }
+            // In flight until PostgreSQL has it: the sink's own queue is bounded by the same limit.
             tx_sink(
                 inserts(source.data),
                 source.progress,
                 self.kafka.topic.clone(),
                 env,
                 move || CheckStore::open(&url, retention),
-            );
+            )
+            .probe_with(&done);
             (reload_in, size)
         });
         // Sent after the dataflow is built: inputs fed inside the closure hold the frontier back.

@@ -101,7 +101,7 @@ impl Pipeline for FoodPipeline {
         let (path, view) = (self.args.sqlite.clone(), self.view.clone());
         let metrics = self.metrics.clone().expect("prepare runs before build");
         worker.dataflow_named::<u64, _, _>("food", |scope| {
-            let source = kafka_source(scope, self.kafka.clone(), FoodDecoder, env.source());
+            let source = kafka_source(scope, self.kafka.clone(), FoodDecoder, env.source(), None);
             // A count's change as the change of the stored count: -(food, old) +(food, new) is new - old.
             let deltas =
                 dataflows::food_counts::food_counts(inserts(source.data)).explode(|(food, count)| Some((food, count)));

@@ -194,7 +194,7 @@ impl Pipeline for RatesPipeline {
         let (registry, url) = (self.registry.clone(), self.args.postgres.clone());
         let (index, summary) = (self.index.clone(), self.summary.clone());
         let (mut prices_in, mut ports_in, mut regions_in) = worker.dataflow_named::<u64, _, _>("rates", |scope| {
-            let source = kafka_source(scope, self.kafka.clone(), stager, env.source());
+            let source = kafka_source(scope, self.kafka.clone(), stager, env.source(), None);
             let batches = inserts(source.data);
             let inserted = registry.clone();
             let progress = batches

@@ -176,7 +176,7 @@ impl Pipeline for UsagePipeline {
         let every = self.args.checkpoint_interval.max(1);
         let topic = self.args.topic.clone();
         let (mut restore_in, state_size) = worker.dataflow_named::<u64, _, _>("usage", |scope| {
-            let source = kafka_source(scope, self.kafka.clone(), decoder, env.source());
+            let source = kafka_source(scope, self.kafka.clone(), decoder, env.source(), None);
             let (restore_in, restore) = timely::dataflow::operators::Input::new_input(&scope);
             let options = Options {
                 restore: Some(restore),
