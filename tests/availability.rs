@@ -67,6 +67,9 @@ fn results_are_stored_once_through_replays_and_a_kill_9() {
         &db,
         "--dead-letter",
         dead_letter.to_str().unwrap(),
+        // The source waits for PostgreSQL every 7 records: nothing may be lost or doubled by pausing.
+        "--max-in-flight",
+        "7",
     ];
 
     // 4 sites x 60 hourly slots; the first 30 slots, a bad message and a re-sent range first.
@@ -99,6 +102,12 @@ fn results_are_stored_once_through_replays_and_a_kill_9() {
     produce(&broker, TOPIC, &rest);
     let writer = spawn_tally(&args);
     wait_rows(&mut pg_client, 240);
+    // It did pause: 280 messages do not fit in 7.
+    writer.wait_for_metric(
+        "tally_source_flow_paused_total{topic=\"website_availability\",worker=\"0\"}",
+        1.0,
+        Duration::from_secs(30),
+    );
     // The two bad messages: one dead-lettered by each run (a message already in the file is not appended
     // again when the restart re-reads it).
     writer.wait_for_metric(
