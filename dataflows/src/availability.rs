@@ -491,13 +491,64 @@ impl Hour {
     }
 }
 
+/// A minute bucket as the window keeps it: its counts and, per up result, the histogram bucket of each
+/// phase (12 bytes; as a [`Stats`] a result is six vectors, about 300 bytes: at 60 s checks a site's 60
+/// buckets were most of its memory).
+#[derive(Default)]
+struct Minute {
+    counts: [i64; 3],
+    timed: Vec<[u16; 6]>,
+}
+
+impl Minute {
+    fn add(&mut self, check: &Check) {
+        match check.outcome {
+            Outcome::Up => {
+                self.counts[0] += 1;
+                self.timed.push(check.phases_us.map(Hist::bucket));
+            }
+            Outcome::Down => self.counts[1] += 1,
+            Outcome::Missed => self.counts[2] += 1,
+        }
+    }
+
+    /// The bucket's sum: what its results' [`Stats::of`] add up to.
+    fn stats(&self) -> Stats {
+        let [up, down, missed] = self.counts;
+        let phases = match self.timed.is_empty() {
+            true => Vec::new(),
+            false => (0..PHASES.len())
+                .map(|p| {
+                    let mut buckets: Vec<u16> = self.timed.iter().map(|t| t[p]).collect();
+                    buckets.sort_unstable();
+                    let mut hist: Vec<(u16, i64)> = Vec::new();
+                    for b in buckets {
+                        match hist.last_mut() {
+                            Some((last, n)) if *last == b => *n += 1,
+                            _ => hist.push((b, 1)),
+                        }
+                    }
+                    Hist(hist)
+                })
+                .collect(),
+        };
+        Stats {
+            up,
+            down,
+            missed,
+            phases,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Site {
     /// The status as last put out, and whether this batch changed anything it shows.
     emitted: Option<Status>,
     dirty: bool,
     newest: Option<i64>,
-    minutes: BTreeMap<i64, Stats>,
+    /// The 1 h window's minute buckets, kept to retract each whole when it leaves.
+    minutes: BTreeMap<i64, Minute>,
     /// The 1 h window's change in this batch, put out with the status.
     delta: Stats,
     /// The 7 d window's hours, slot `hour % HOURS` (empty until the first result).
@@ -680,9 +731,8 @@ impl Site {
         self.dirty = true;
         let newest_minute = self.newest.map(|n| n.div_euclid(MINUTE_MS));
         if newest_minute.is_none_or(|m| minute > m - MINUTES) {
-            let timed = Stats::of(&check, true);
-            self.minutes.entry(minute).or_default().plus_equals(&timed);
-            self.delta.plus_equals(&timed);
+            self.minutes.entry(minute).or_default().add(&check);
+            self.delta.plus_equals(&Stats::of(&check, true));
         }
         if self.newest.is_some_and(|n| at < n) {
             counters.out_of_order.set(counters.out_of_order.get() + 1);
@@ -692,7 +742,7 @@ impl Site {
         // Buckets the anchor left behind leave the windows as a whole.
         let first_minute = minute - MINUTES + 1;
         while let Some(entry) = self.minutes.first_entry().filter(|e| *e.key() < first_minute) {
-            let mut sum = entry.remove();
+            let mut sum = entry.remove().stats();
             sum.negate();
             self.delta.plus_equals(&sum);
         }
@@ -1109,6 +1159,29 @@ mod tests {
         reload.extend(all[120..].iter().cloned());
         let reloaded = run(vec![reload], 1);
         assert_eq!(reloaded["w r"], direct["w r"]);
+    }
+
+    #[test]
+    fn a_kept_minute_sums_to_its_results_stats() {
+        let checks = [
+            check("a", 0, Outcome::Up, 900),
+            check("a", 1, Outcome::Down, 0),
+            check("a", 2, Outcome::Up, 901),
+            check("a", 3, Outcome::Up, 70_000),
+            check("a", 4, Outcome::Missed, 0),
+        ];
+        let mut minute = Minute::default();
+        let mut sum = Stats::default();
+        for c in &checks {
+            minute.add(c);
+            sum.plus_equals(&Stats::of(c, true));
+        }
+        assert_eq!(minute.stats(), sum);
+        assert_eq!((sum.up, sum.down, sum.missed, sum.phases[5].count()), (3, 1, 1, 3));
+        let mut gone = minute.stats();
+        gone.negate();
+        sum.plus_equals(&gone);
+        assert!(sum.is_zero());
     }
 
     #[test]
