@@ -7,10 +7,11 @@
 //!    first `--baseline-results` of them (its rate is one round trip and one commit per row, whatever the
 //!    count: 1,000,000 would take it about ten minutes).
 //! 2. Memory: the writer's peak RSS (VmHWM) with the views over 1 h and 24 h of results for `--sites`
-//!    sites checked every 5 minutes: the views hold sites × window buckets, so the two should match.
+//!    sites checked every `--interval-s` (300): the views hold sites × window buckets, so the two should
+//!    match once the windows are full (at 60 s the 1 h window and the strip of 50 are full after 1 h).
 //!
 //! `cargo bench --bench availability -- [--results 1000000] [--baseline-results 100000] [--sites 10000]
-//!  [--skip-rows] [--skip-baseline] [--skip-memory] [--out FILE]`. Needs the venv (see README "Benchmarks").
+//!  [--skip-rows] [--skip-baseline] [--skip-memory] [--interval-s 300] [--out FILE]`. Needs the venv (see README "Benchmarks").
 #![allow(clippy::unwrap_used)]
 
 #[path = "support/proc_status.rs"]
@@ -31,6 +32,7 @@ struct Args {
     skip_baseline: bool,
     skip_rows: bool,
     skip_memory: bool,
+    interval_s: i64,
 
     out: Option<String>,
 }
@@ -43,6 +45,7 @@ fn args() -> Args {
         skip_baseline: false,
         skip_rows: false,
         skip_memory: false,
+        interval_s: 300,
 
         out: None,
     };
@@ -54,6 +57,7 @@ fn args() -> Args {
             "--sites" => a.sites = it.next().unwrap().parse().unwrap(),
             "--skip-baseline" => a.skip_baseline = true,
             "--skip-rows" => a.skip_rows = true,
+            "--interval-s" => a.interval_s = it.next().unwrap().parse().unwrap(),
 
             "--skip-memory" => a.skip_memory = true,
             "--out" => a.out = it.next(),
@@ -218,8 +222,8 @@ fn main() {
         let mut memory = Vec::new();
         for hours in [1i64, 24] {
             let topic = format!("website_availability_{hours}h");
-            let n = (a.sites * hours * 12) as usize;
-            let produce_s = produce_results(&broker, &topic, n, a.sites, 300_000);
+            let n = (a.sites * hours * 3600 / a.interval_s) as usize;
+            let produce_s = produce_results(&broker, &topic, n, a.sites, a.interval_s * 1000);
             let started = Instant::now();
             let tally = Tally::spawn(
                 env!("CARGO_BIN_EXE_tally"),
@@ -248,12 +252,13 @@ fn main() {
             let rss = proc_status::status_mb(&pid, "VmRSS:").unwrap();
             let body = tally.get("/availability").2.len();
             println!(
-                "views over {hours:>2} h: {n} results ({} sites, 5 min) produced in {produce_s:.0} s, read in {took:.1} s ({:.0}/s); peak RSS {hwm:.0} MB, RSS {rss:.0} MB; /availability {} KB",
+                "views over {hours:>2} h: {n} results ({} sites, every {} s) produced in {produce_s:.0} s, read in {took:.1} s ({:.0}/s); peak RSS {hwm:.0} MB, RSS {rss:.0} MB; /availability {} KB",
                 a.sites,
+                a.interval_s,
                 n as f64 / took,
                 body / 1024
             );
-            memory.push(serde_json::json!({"hours": hours, "results": n, "seconds": took, "peak_rss_mb": hwm, "rss_mb": rss, "body_bytes": body}));
+            memory.push(serde_json::json!({"hours": hours, "interval_s": a.interval_s, "results": n, "seconds": took, "peak_rss_mb": hwm, "rss_mb": rss, "body_bytes": body}));
         }
         let (h1, h24) = (
             memory[0]["peak_rss_mb"].as_f64().unwrap(),
