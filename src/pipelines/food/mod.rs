@@ -11,6 +11,9 @@ use std::sync::Arc;
 pub use decode::FoodDecoder;
 pub use sink::FoodSink;
 
+use timely::dataflow::operators::Probe;
+use timely::dataflow::ProbeHandle;
+
 use crate::error::RuntimeError;
 use crate::http::{Routes, Ui, ViewHandle};
 use crate::metrics::Metrics;
@@ -101,13 +104,18 @@ impl Pipeline for FoodPipeline {
         let (path, view) = (self.args.sqlite.clone(), self.view.clone());
         let metrics = self.metrics.clone().expect("prepare runs before build");
         worker.dataflow_named::<u64, _, _>("food", |scope| {
-            let source = kafka_source(scope, self.kafka.clone(), FoodDecoder, env.source(), None);
+            // Read ahead of the stored counts by at most --max-in-flight messages.
+            let done = ProbeHandle::new();
+            let ctx = env.source();
+            let flow = ctx.flow(&done);
+            let source = kafka_source(scope, self.kafka.clone(), FoodDecoder, ctx, Some(flow));
             // A count's change as the change of the stored count: -(food, old) +(food, new) is new - old.
             let deltas =
                 dataflows::food_counts::food_counts(inserts(source.data)).explode(|(food, count)| Some((food, count)));
             tx_sink(deltas, source.progress, self.kafka.topic.clone(), env, move || {
                 FoodSink::open(&path).map(|s| s.publishing(view.clone(), metrics.clone()))
-            });
+            })
+            .probe_with(&done);
         });
         Vec::new()
     }

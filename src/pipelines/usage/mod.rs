@@ -18,6 +18,8 @@ use timely::dataflow::operators::Inspect;
 pub use decode::UsageDecoder;
 pub use store::StateStore;
 
+use timely::dataflow::ProbeHandle;
+
 use crate::error::RuntimeError;
 use crate::http::{Routes, Ui, ViewHandle};
 use crate::metrics::Metrics;
@@ -176,7 +178,12 @@ impl Pipeline for UsagePipeline {
         let every = self.args.checkpoint_interval.max(1);
         let topic = self.args.topic.clone();
         let (mut restore_in, state_size) = worker.dataflow_named::<u64, _, _>("usage", |scope| {
-            let source = kafka_source(scope, self.kafka.clone(), decoder, env.source(), None);
+            // Read ahead of the published view by at most --max-in-flight events (not of the checkpoint:
+            // it commits only every --checkpoint-interval, and waiting for it would stall the source).
+            let done = ProbeHandle::new();
+            let ctx = env.source();
+            let flow = ctx.flow(&done);
+            let source = kafka_source(scope, self.kafka.clone(), decoder, ctx, Some(flow));
             let (restore_in, restore) = timely::dataflow::operators::Input::new_input(&scope);
             let options = Options {
                 restore: Some(restore),
@@ -206,7 +213,7 @@ impl Pipeline for UsagePipeline {
                 );
             });
             publish(
-                views.usage,
+                views.usage.probe_with(&done),
                 "usage",
                 self.view.clone(),
                 env.metrics.clone(),
