@@ -4,7 +4,7 @@
 //! [`admit`] is the window. It is exchanged by site and, per site, anchored to the latest `scheduled_at`
 //! it has seen (the data's time, never the wall clock). A result adds its [`Stats`] to its minute bucket
 //! and its hour's counts; when the anchor moves, a minute bucket that leaves the last 60 minutes is
-//! retracted as a whole (the operator keeps each bucket's sum for that) and an hour that leaves the last
+//! retracted as a whole (the operator keeps each bucket's results, compactly, for that) and an hour that leaves the last
 //! 168 is dropped from the site's ring of hours. A repeat of a result (same site and `scheduled_at`) is
 //! recognised for as long as its hour is in the window and counted once. Because a bucket's content is a
 //! set of results and the anchor is a maximum, the windows are the same whatever order results arrive
@@ -68,6 +68,15 @@ impl Outcome {
             Outcome::Up => "up",
             Outcome::Down => "down",
             Outcome::Missed => "missed",
+        }
+    }
+
+    /// One result of this outcome as `[up, down, missed]` counts.
+    pub fn counts(self) -> [i64; 3] {
+        match self {
+            Outcome::Up => [1, 0, 0],
+            Outcome::Down => [0, 1, 0],
+            Outcome::Missed => [0, 0, 1],
         }
     }
 }
@@ -222,23 +231,24 @@ pub struct Stats {
     pub down: i64,
     /// Slots missed.
     pub missed: i64,
-    /// Per phase of [`PHASES`], the `up` results' timings (empty in hour buckets).
+    /// Per phase of [`PHASES`], the `up` results' timings (empty without one).
     pub phases: Vec<Hist>,
 }
 
 impl Stats {
-    /// One result's counts, with its timings if `timings`.
-    pub fn of(check: &Check, timings: bool) -> Stats {
-        let mut s = Stats::default();
-        match check.outcome {
-            Outcome::Up => s.up = 1,
-            Outcome::Down => s.down = 1,
-            Outcome::Missed => s.missed = 1,
+    /// One result's counts and, if it is up, its timings.
+    pub fn of(check: &Check) -> Stats {
+        let [up, down, missed] = check.outcome.counts();
+        let phases = match check.outcome {
+            Outcome::Up => check.phases_us.iter().map(|us| Hist::of(*us)).collect(),
+            _ => Vec::new(),
+        };
+        Stats {
+            up,
+            down,
+            missed,
+            phases,
         }
-        if timings && check.outcome == Outcome::Up {
-            s.phases = check.phases_us.iter().map(|us| Hist::of(*us)).collect();
-        }
-        s
     }
 }
 
@@ -453,8 +463,9 @@ impl Hour {
         }
     }
 
-    fn add(&mut self, up: i64, down: i64, missed: i64) {
-        for (c, n) in self.counts.iter_mut().zip([up, down, missed]) {
+    /// Adds `[up, down, missed]` counts.
+    fn add(&mut self, counts: [i64; 3]) {
+        for (c, n) in self.counts.iter_mut().zip(counts) {
             *c = c.saturating_add_signed(n.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32);
         }
     }
@@ -502,13 +513,11 @@ struct Minute {
 
 impl Minute {
     fn add(&mut self, check: &Check) {
-        match check.outcome {
-            Outcome::Up => {
-                self.counts[0] += 1;
-                self.timed.push(check.phases_us.map(Hist::bucket));
-            }
-            Outcome::Down => self.counts[1] += 1,
-            Outcome::Missed => self.counts[2] += 1,
+        for (c, n) in self.counts.iter_mut().zip(check.outcome.counts()) {
+            *c += n;
+        }
+        if check.outcome == Outcome::Up {
+            self.timed.push(check.phases_us.map(Hist::bucket));
         }
     }
 
@@ -646,7 +655,7 @@ impl Site {
             return;
         }
         if let Some(slot) = self.hour_slot(hour) {
-            slot.add(up, down, missed);
+            slot.add([up, down, missed]);
             self.dirty = true;
         }
     }
@@ -723,16 +732,12 @@ impl Site {
             counters.duplicates.set(counters.duplicates.get() + 1);
             return;
         }
-        match check.outcome {
-            Outcome::Up => slot.add(1, 0, 0),
-            Outcome::Down => slot.add(0, 1, 0),
-            Outcome::Missed => slot.add(0, 0, 1),
-        }
+        slot.add(check.outcome.counts());
         self.dirty = true;
         let newest_minute = self.newest.map(|n| n.div_euclid(MINUTE_MS));
         if newest_minute.is_none_or(|m| minute > m - MINUTES) {
             self.minutes.entry(minute).or_default().add(&check);
-            self.delta.plus_equals(&Stats::of(&check, true));
+            self.delta.plus_equals(&Stats::of(&check));
         }
         if self.newest.is_some_and(|n| at < n) {
             counters.out_of_order.set(counters.out_of_order.get() + 1);
@@ -1174,7 +1179,7 @@ mod tests {
         let mut sum = Stats::default();
         for c in &checks {
             minute.add(c);
-            sum.plus_equals(&Stats::of(c, true));
+            sum.plus_equals(&Stats::of(c));
         }
         assert_eq!(minute.stats(), sum);
         assert_eq!((sum.up, sum.down, sum.missed, sum.phases[5].count()), (3, 1, 1, 3));

@@ -89,7 +89,7 @@ pub struct Env {
     pub shutdown: Arc<AtomicBool>,
     /// How often timestamps close, in milliseconds.
     pub tick_ms: u64,
-    /// Records a source reads ahead of the dataflow ([`crate::sources::kafka::Flow`]).
+    /// Records a source reads ahead of the dataflow ([`crate::sources::kafka::kafka_source`]).
     pub max_in_flight: usize,
     /// Where sources put what they cannot decode.
     pub dead_letter: Arc<DeadLetter>,

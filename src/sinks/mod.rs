@@ -69,7 +69,7 @@ pub trait TxSink: Send + 'static {
 /// Writes `changes` and the source's `progress` on worker 0 through the sink `open` makes there (opened on
 /// the first write, reopened after a failure to open), at every closed timestamp. The stream returned
 /// carries no data: its frontier passes a timestamp once that timestamp is committed, so a probe on it
-/// (a source's [`crate::sources::kafka::Flow`]) waits for the store, not only for the dataflow.
+/// (a source's, [`crate::sources::kafka::kafka_source`]) waits for the store, not only for the dataflow.
 pub fn tx_sink<'s, S: TxSink, E: std::fmt::Display>(
     changes: VecCollection<'s, u64, S::Data, S::Diff>,
     progress: Stream<'s, u64, Vec<Progress>>,

@@ -123,30 +123,8 @@ pub struct SourceContext {
     /// Told when the source has caught up with the watermarks it saw at start, and when it last heard
     /// from the broker.
     pub health: Arc<Health>,
-    /// `--max-in-flight`: what a [`Flow`] built with [`SourceContext::flow`] allows.
+    /// `--max-in-flight`: how many records a source given a probe reads ahead of it ([`kafka_source`]).
     pub max_in_flight: usize,
-}
-
-impl SourceContext {
-    /// Flow control watching `probe`, allowing `--max-in-flight` records.
-    pub fn flow(&self, probe: &ProbeHandle<u64>) -> Flow {
-        Flow {
-            probe: probe.clone(),
-            max: self.max_in_flight,
-        }
-    }
-}
-
-/// How far a source reads ahead of the dataflow it feeds. `probe` watches where the dataflow's work is
-/// done (the pipeline attaches it to what its sinks and views take in); the source reads nothing while
-/// `max` records are at timestamps the probe has not passed. Without it a replay of a long topic is read
-/// into memory as fast as the broker sends it, whatever the dataflow keeps up with.
-#[derive(Clone)]
-pub struct Flow {
-    /// Where the dataflow is done.
-    pub probe: ProbeHandle<u64>,
-    /// Records allowed in timestamps the probe has not passed.
-    pub max: usize,
 }
 
 /// A source's outputs.
@@ -159,16 +137,21 @@ pub struct Source<'s, T> {
 
 const POLL_BUDGET: Duration = Duration::from_millis(5);
 
-/// Reads `cfg.topic` into a stream of decoded records and a stream of progress, ahead of the dataflow
-/// by at most what `flow` allows (unbounded without one).
+/// Reads `cfg.topic` into a stream of decoded records and a stream of progress.
+///
+/// Given `done`, a probe on where the dataflow's work is finished (the pipeline attaches it to what its
+/// views and sinks take in, or to a sink's committed frontier), the source reads nothing while
+/// `ctx.max_in_flight` of its records are at timestamps the probe has not passed. Without one a replay
+/// of a long topic is read into memory as fast as the broker sends it, whatever the dataflow keeps up with.
 pub fn kafka_source<'s, D: Decoder>(
     scope: Scope<'s, u64>,
     cfg: KafkaConfig,
     mut decoder: D,
     ctx: SourceContext,
-    flow: Option<Flow>,
+    done: Option<&ProbeHandle<u64>>,
 ) -> Source<'s, D::Out> {
     let (index, peers) = (scope.index(), scope.peers());
+    let done = done.cloned();
     let mut builder = OperatorBuilder::new("KafkaSource".to_owned(), scope);
     let info = builder.operator_info();
     let (data_out, data) = builder.new_output::<Vec<D::Out>>();
@@ -218,15 +201,15 @@ pub fn kafka_source<'s, D: Decoder>(
             }
             let mut read = 0usize;
             let mut budget = usize::MAX;
-            if let Some(flow) = &flow {
+            if let Some(done) = &done {
                 while let Some(&(t, n)) = in_flight.front() {
-                    if flow.probe.less_equal(&t) {
+                    if done.less_equal(&t) {
                         break;
                     }
                     in_flight.pop_front();
                     in_flight_total -= n;
                 }
-                budget = flow.max.saturating_sub(in_flight_total);
+                budget = ctx.max_in_flight.saturating_sub(in_flight_total);
                 if budget == 0 && reader.is_some() {
                     paused.inc();
                 }
@@ -297,7 +280,7 @@ pub fn kafka_source<'s, D: Decoder>(
                 }
                 drop(session);
                 decoder.idle();
-                if flow.is_some() && read > 0 {
+                if done.is_some() && read > 0 {
                     let t = *capabilities[0].time();
                     match in_flight.back_mut() {
                         Some((last, n)) if *last == t => *n += read,

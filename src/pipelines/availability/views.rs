@@ -213,7 +213,7 @@ pub fn ratio(up: i64, down: i64) -> String {
 pub enum Part {
     /// Its last hour, from its window's accumulated difference.
     Windows(Windows),
-    /// Its status (boxed: a status is 2 KB with its strip, windows are small).
+    /// Its status (boxed: with its strip of 50 cells a status is about 1 KB, windows are small).
     Status(Box<Status>),
 }
 

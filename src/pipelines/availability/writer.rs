@@ -571,9 +571,7 @@ impl Pipeline for AvailabilityPipeline {
         let (mut reload_in, size) = worker.dataflow_named::<u64, _, _>("availability", |scope| {
             // The source reads ahead of the views and the sink by at most --max-in-flight records.
             let done = ProbeHandle::new();
-            let ctx = env.source();
-            let flow = ctx.flow(&done);
-            let source = kafka_source(scope, self.kafka.clone(), CheckDecoder, ctx, Some(flow));
+            let source = kafka_source(scope, self.kafka.clone(), CheckDecoder, env.source(), Some(&done));
             let (reload_in, reloaded) = scope.new_input::<Vec<Input>>();
             let arrived = source.data.clone().map(|r| Input::Check(check_of(&r)));
             let size = views::build(

@@ -106,9 +106,7 @@ impl Pipeline for FoodPipeline {
         worker.dataflow_named::<u64, _, _>("food", |scope| {
             // Read ahead of the stored counts by at most --max-in-flight messages.
             let done = ProbeHandle::new();
-            let ctx = env.source();
-            let flow = ctx.flow(&done);
-            let source = kafka_source(scope, self.kafka.clone(), FoodDecoder, ctx, Some(flow));
+            let source = kafka_source(scope, self.kafka.clone(), FoodDecoder, env.source(), Some(&done));
             // A count's change as the change of the stored count: -(food, old) +(food, new) is new - old.
             let deltas =
                 dataflows::food_counts::food_counts(inserts(source.data)).explode(|(food, count)| Some((food, count)));

@@ -181,9 +181,7 @@ impl Pipeline for UsagePipeline {
             // Read ahead of the published view by at most --max-in-flight events (not of the checkpoint:
             // it commits only every --checkpoint-interval, and waiting for it would stall the source).
             let done = ProbeHandle::new();
-            let ctx = env.source();
-            let flow = ctx.flow(&done);
-            let source = kafka_source(scope, self.kafka.clone(), decoder, ctx, Some(flow));
+            let source = kafka_source(scope, self.kafka.clone(), decoder, env.source(), Some(&done));
             let (restore_in, restore) = timely::dataflow::operators::Input::new_input(&scope);
             let options = Options {
                 restore: Some(restore),
